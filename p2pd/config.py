@@ -1,0 +1,255 @@
+"""Configuration: the only module that reads files or the environment.
+
+Every daemon setting is declared once in :data:`RUN_OPTIONS`; from that table come the
+``p2pd run`` flags (and their ``--help``), the keys of the TOML file given with
+``--config`` and the ``P2PD_*`` environment variables. Precedence, highest first: flag,
+environment, file, default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2pd.core.names import default_endpoint, validate_registry_host
+from p2pd.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": 1 << 10, "kib": 1 << 10, "mi": 1 << 20, "mib": 1 << 20, "gi": 1 << 30,
+    "gib": 1 << 30, "ti": 1 << 40, "tib": 1 << 40,
+}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte count with an optional unit: ``10GiB``, ``500MB``, ``1.5G``, ``4096``."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.fullmatch(text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{text!r} is not a size (examples: 10GiB, 500MB, 4096)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{text!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """How to reach one upstream registry.
+
+    ``host`` is the name clients use (``docker.io``, ``127.0.0.1:5000``), ``endpoint``
+    the URL p2pd talks to (scheme decides HTTP or HTTPS).
+    """
+
+    host: str
+    endpoint: str
+    ca_file: Path | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything ``p2pd run`` needs."""
+
+    mirror_listen: tuple[str, int] = ("127.0.0.1", 5001)
+    cache_dir: Path = Path("/var/lib/p2pd")
+    cache_size: int = 20 * (1 << 30)
+    cache_high: float = 0.90
+    cache_low: float = 0.75
+    registries: Mapping[str, RegistryConfig] = field(default_factory=dict)
+    default_registry: str = "docker.io"
+    upstream_timeout: float = 60.0
+    access_ttl: float = 300.0
+    log_level: str = "info"
+
+    def registry(self, host: str) -> RegistryConfig:
+        """Settings for ``host``: the configured ones, or HTTPS on the host's own name."""
+        found = self.registries.get(host)
+        if found is not None:
+            return found
+        return RegistryConfig(
+            host, default_endpoint(host), read_timeout=self.upstream_timeout
+        )
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of ``p2pd run``: flag, file key and environment variable in one place."""
+
+    name: str
+    help: str
+    parse: Callable[[Any], Any] = str
+    repeatable: bool = False
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return "P2PD_" + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _fraction(text: Any) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ConfigError(f"{text!r} is not a fraction in (0, 1]")
+    return value
+
+
+def _log_level(text: Any) -> str:
+    level = str(text).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log level {text!r} is not debug, info, warning or error")
+    return level
+
+
+RUN_OPTIONS: tuple[Option, ...] = (
+    Option("mirror-listen", "address containerd reaches the mirror on (default 127.0.0.1:5001)",
+           parse_hostport, metavar="HOST:PORT"),
+    Option("cache-dir", "directory of the piece cache (default /var/lib/p2pd)", Path,
+           metavar="DIR"),
+    Option("cache-size", "cache size limit, e.g. 20GiB or 500MB (default 20GiB)", parse_size,
+           metavar="SIZE"),
+    Option("cache-high", "fraction of --cache-size at which eviction starts (default 0.90)",
+           _fraction, metavar="FRACTION"),
+    Option("cache-low", "fraction of --cache-size eviction brings the cache down to "
+           "(default 0.75)", _fraction, metavar="FRACTION"),
+    Option("registry", "upstream endpoint of a registry host, e.g. "
+           "127.0.0.1:5000=http://127.0.0.1:5000 (repeatable; in the environment "
+           "comma-separated). Hosts without one use https://HOST; docker.io uses "
+           "https://registry-1.docker.io", str, repeatable=True, metavar="HOST=URL"),
+    Option("registry-ca", "extra CA bundle (PEM) trusted for a registry host's TLS "
+           "(repeatable)", str, repeatable=True, metavar="HOST=FILE"),
+    Option("default-registry", "registry used for requests without containerd's ns= "
+           "parameter (default docker.io)", validate_registry_host, metavar="HOST"),
+    Option("upstream-timeout", "seconds to wait for an upstream registry to answer or send "
+           "more bytes (default 60)", float, metavar="SECONDS"),
+    Option("access-ttl", "seconds a client's upstream-confirmed read access to a repository "
+           "is remembered before it is checked again (default 300)", float,
+           metavar="SECONDS"),
+    Option("log-level", "debug, info, warning or error (default info)", _log_level,
+           metavar="LEVEL"),
+)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``p2pd run`` flags on ``parser`` (values stay unparsed strings)."""
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="TOML file with the same keys as the flags (env: P2PD_CONFIG)")
+    for opt in RUN_OPTIONS:
+        parser.add_argument(
+            opt.flag, dest=opt.dest, metavar=opt.metavar,
+            action="append" if opt.repeatable else "store",
+            help=f"{opt.help} [env: {opt.env}]",
+        )
+
+
+def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        host, sep, rest = value.partition("=")
+        if not sep or not host or not rest:
+            raise ConfigError(f"{what} {value!r} is not HOST=VALUE")
+        out[validate_registry_host(host)] = rest
+    return out
+
+
+def load_run_config(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> DaemonConfig:
+    """Build the daemon configuration from parsed flags, the environment and the file."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    config_file = args.config or (Path(env["P2PD_CONFIG"]) if env.get("P2PD_CONFIG") else None)
+    file_registries: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            doc = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        known = {opt.name for opt in RUN_OPTIONS} | {"registries"}
+        unknown = set(doc) - known
+        if unknown:
+            raise ConfigError(f"unknown keys in {config_file}: {', '.join(sorted(unknown))}")
+        file_registries = dict(doc.pop("registries", {}))
+        raw.update(doc)
+    for opt in RUN_OPTIONS:
+        if opt.env in env:
+            text = env[opt.env]
+            raw[opt.name] = [v for v in text.split(",") if v] if opt.repeatable else text
+        value = getattr(args, opt.dest, None)
+        if value is not None:
+            raw[opt.name] = value
+    return _build(raw, file_registries)
+
+
+def _build(raw: Mapping[str, Any], file_registries: Mapping[str, Any]) -> DaemonConfig:
+    values: dict[str, Any] = {}
+    for opt in RUN_OPTIONS:
+        if opt.name not in raw or opt.repeatable:
+            continue
+        try:
+            values[opt.dest] = opt.parse(raw[opt.name])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{opt.name}: {exc}") from exc
+    timeout = float(values.get("upstream_timeout", 60.0))
+    registries: dict[str, RegistryConfig] = {}
+    for host, table in file_registries.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[registries.{host!r}] must be a table")
+        validate_registry_host(host)
+        registries[host] = RegistryConfig(
+            host,
+            str(table.get("endpoint", default_endpoint(host))).rstrip("/"),
+            Path(table["ca-file"]) if "ca-file" in table else None,
+            float(table.get("connect-timeout", 10.0)),
+            float(table.get("timeout", timeout)),
+        )
+    endpoints = _pairs(_as_list(raw.get("registry", [])), "--registry")
+    cas = _pairs(_as_list(raw.get("registry-ca", [])), "--registry-ca")
+    for host in endpoints.keys() | cas.keys():
+        base = registries.get(host) or RegistryConfig(
+            host, default_endpoint(host), read_timeout=timeout
+        )
+        endpoint = endpoints.get(host, base.endpoint).rstrip("/")
+        if not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoint {endpoint!r} of {host} must start with http(s)://")
+        ca = Path(cas[host]) if host in cas else base.ca_file
+        registries[host] = RegistryConfig(
+            host, endpoint, ca, base.connect_timeout, base.read_timeout
+        )
+    config = DaemonConfig(registries=registries, **values)
+    if config.cache_low > config.cache_high:
+        raise ConfigError("cache-low must not exceed cache-high")
+    return config
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    raise ConfigError(f"{value!r} must be a string or a list of strings")

@@ -1,0 +1,58 @@
+"""The daemon: one nursery that wires the I/O services to the core."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from p2pd.config import DaemonConfig
+from p2pd.core.digest import Digest
+from p2pd.core.lru import LruPolicy
+from p2pd.io.blobs import BlobService
+from p2pd.io.http import serve_http
+from p2pd.io.metrics import Metrics
+from p2pd.io.mirror import Mirror
+from p2pd.io.store import DiskStore
+from p2pd.io.upstream import Upstreams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """What a started daemon reports: where it listens and its parts, for tests."""
+
+    mirror_address: tuple[str, int]
+    mirror: Mirror
+    metrics: Metrics
+
+
+async def run_daemon(
+    config: DaemonConfig,
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run p2pd until cancelled."""
+    metrics = Metrics()
+    upstreams = Upstreams(config, metrics)
+    store = DiskStore(config.cache_dir)
+    lru: LruPolicy[Digest] = LruPolicy(config.cache_size, high=config.cache_high,
+                                       low=config.cache_low)
+    try:
+        async with trio.open_nursery() as nursery:
+            blobs = BlobService(store, upstreams, metrics, lru, nursery)
+            await blobs.open()
+            mirror = Mirror(config, blobs, upstreams, metrics)
+            host, port = config.mirror_listen
+            listeners = await nursery.start(serve_http, host, port, mirror.handle)
+            sockname = listeners[0].socket.getsockname()
+            address = (sockname[0], sockname[1])
+            mirror.ready = True
+            log.info("p2pd mirror listening on %s:%d, cache %s (limit %d bytes)",
+                     address[0], address[1], config.cache_dir, config.cache_size)
+            task_status.started(Running(address, mirror, metrics))
+    finally:
+        with trio.CancelScope(shield=True):
+            await upstreams.aclose()

@@ -1,0 +1,1 @@
+"""The I/O layer: trio services that perform what ``p2pd.core`` decides."""

@@ -1,0 +1,302 @@
+"""Blobs: the complete ones in the cache, the ones being downloaded, and reading pieces.
+
+How it works: :class:`BlobService` owns the cache index (complete blobs and their piece
+tables) and the downloads in flight. A client that asks for a blob the cache lacks joins
+the blob's :class:`Download`, starting it if nobody has (one upstream fetch however many
+clients wait). The download cuts the upstream stream into pieces, writes each to disk,
+hashes it, and publishes it to the waiting readers. The last piece is published only after
+the whole blob matched its digest, so a reader can never receive every byte of a bad blob:
+on a mismatch the download fails, every reader aborts its response, and the pieces are
+deleted. A broken upstream stream is resumed with ``Range`` from the first missing piece.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from p2pd.core.digest import Digest
+from p2pd.core.lru import LruPolicy
+from p2pd.core.pieces import PieceLayout
+from p2pd.errors import CorruptPiece, DigestMismatch, P2PError, UpstreamError
+from p2pd.io.metrics import Metrics
+from p2pd.io.store import DiskStore, PieceTable
+from p2pd.io.upstream import Upstreams
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_ATTEMPTS = 4
+RETRY_DELAY = 0.5
+
+
+class DownloadFailed(P2PError):
+    """The download a reader was waiting on failed; the reason is chained."""
+
+
+@dataclass
+class Download:
+    """A blob being fetched; readers wait for its pieces with :meth:`wait_piece`."""
+
+    digest: Digest
+    layout: PieceLayout
+    hashes: list[bytes | None] = field(default_factory=list)
+    published: list[bool] = field(default_factory=list)
+    error: BaseException | None = None
+    bytes_by_source: dict[str, int] = field(default_factory=dict)
+    _changed: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        self.hashes = [None] * self.layout.count
+        self.published = [False] * self.layout.count
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def publish(self, index: int) -> None:
+        self.published[index] = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._notify()
+        self.done.set()
+
+    async def wait_piece(self, index: int) -> bytes:
+        """Wait until piece ``index`` may be served; return its sha256."""
+        while True:
+            if self.error is not None:
+                raise DownloadFailed(f"download of {self.digest.short} failed") from self.error
+            digest = self.hashes[index]
+            if self.published[index] and digest is not None:
+                return digest
+            await self._changed.wait()
+
+
+class _Pending:
+    """The outcome of a piece read running in the background."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: bytes | None = None
+        self.error: Exception | None = None
+
+    async def result(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
+
+
+class BlobService:
+    """The cache index, the downloads in flight, and verified piece reads."""
+
+    def __init__(
+        self,
+        store: DiskStore,
+        upstreams: Upstreams,
+        metrics: Metrics,
+        lru: LruPolicy[Digest],
+        nursery: trio.Nursery,
+    ) -> None:
+        self.store = store
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.lru = lru
+        self._nursery = nursery
+        self.tables: dict[Digest, PieceTable] = {}
+        self.downloads: dict[Digest, Download] = {}
+
+    async def open(self) -> None:
+        """Index what the cache directory holds."""
+        for table in await trio.to_thread.run_sync(self.store.open):
+            self.tables[table.digest] = table
+            self.lru.add(table.digest, table.size)
+        self._update_gauges()
+        log.info("cache: %d blobs, %d bytes in %s", len(self.tables), self.lru.total_bytes,
+                 self.store.root)
+
+    def _update_gauges(self) -> None:
+        self.metrics.cache_bytes.set(self.lru.total_bytes)
+        self.metrics.cache_blobs.set(len(self.tables))
+        self.metrics.blobs_in_flight.set(len(self.downloads))
+
+    def complete(self, digest: Digest) -> PieceTable | None:
+        """The piece table of ``digest`` if the cache holds the whole verified blob."""
+        return self.tables.get(digest)
+
+    def download(
+        self, registry: str, name: str, digest: Digest, size: int,
+        headers: Sequence[tuple[str, str]],
+    ) -> Download:
+        """Join the download of ``digest``, starting it (with ``headers``) if none runs."""
+        found = self.downloads.get(digest)
+        if found is not None:
+            return found
+        dl = Download(digest, PieceLayout.for_size(size))
+        self.downloads[digest] = dl
+        self.lru.pin(digest)
+        self._update_gauges()
+        self._nursery.start_soon(self._run_download, dl, registry, name, list(headers))
+        return dl
+
+    async def _run_download(
+        self, dl: Download, registry: str, name: str, headers: list[tuple[str, str]]
+    ) -> None:
+        try:
+            await self._make_room(dl.layout.size)
+            await self._fetch_upstream(dl, registry, name, headers)
+        except (P2PError, OSError) as exc:
+            log.warning("blob %s: download failed: %s", dl.digest.short, exc)
+            if isinstance(exc, DigestMismatch):
+                self.metrics.digest_mismatches.inc()
+            dl.fail(exc)
+            await trio.to_thread.run_sync(self.store.delete_blob, dl.digest)
+        finally:
+            if dl.error is None and dl.digest not in self.tables:
+                dl.fail(DownloadFailed("download was interrupted"))
+            del self.downloads[dl.digest]
+            self.lru.unpin(dl.digest)
+            dl.done.set()
+            self._update_gauges()
+
+    async def _fetch_upstream(
+        self, dl: Download, registry: str, name: str, headers: list[tuple[str, str]]
+    ) -> None:
+        layout, digest = dl.layout, dl.digest
+        hasher = hashlib.sha256()
+        next_piece, failures = 0, 0
+        self.metrics.upstream_fetches.inc()
+        while next_piece < layout.count:
+            offset = layout.span(next_piece)[0]
+            extra = [("Range", f"bytes={offset}-")] if offset else []
+            try:
+                next_piece = await self._stream_pieces(
+                    dl, hasher, next_piece, registry, f"/v2/{name}/blobs/{digest}",
+                    headers + extra,
+                )
+            except UpstreamError as exc:
+                failures += 1
+                if failures >= UPSTREAM_ATTEMPTS:
+                    raise
+                log.info("blob %s: upstream broke at piece %d (%s); resuming",
+                         digest.short, next_piece, exc)
+                await trio.sleep(RETRY_DELAY * failures)
+        if hasher.digest() != bytes.fromhex(digest.hex):
+            raise DigestMismatch(f"upstream bytes of {digest.short} hash to "
+                                 f"sha256:{hasher.hexdigest()[:12]}")
+        table = PieceTable(digest, layout, tuple(h for h in dl.hashes if h is not None))
+        await trio.to_thread.run_sync(self.store.commit, table)
+        self.tables[digest] = table
+        self.lru.add(digest, layout.size)
+        if layout.count:
+            dl.publish(layout.count - 1)
+
+    async def _stream_pieces(
+        self, dl: Download, hasher: Any, index: int, registry: str, path: str,
+        headers: list[tuple[str, str]],
+    ) -> int:
+        """Read pieces from one upstream response starting at ``index``; return the next."""
+        layout = dl.layout
+        response = await self.upstreams.send(registry, "GET", path, headers, kind="blob")
+        try:
+            expected = 206 if index else 200
+            if response.status_code != expected:
+                raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
+            buf = bytearray()
+            async for chunk in response.aiter_raw():
+                buf += chunk
+                while index < layout.count and len(buf) >= layout.length(index):
+                    length = layout.length(index)
+                    piece = bytes(buf[:length])
+                    del buf[:length]
+                    await self._store_piece(dl, index, piece, hasher)
+                    index += 1
+                if index == layout.count and buf:
+                    raise DigestMismatch(f"upstream sent more than {layout.size} bytes")
+            if index < layout.count:
+                raise UpstreamError(f"upstream stream ended at piece {index}/{layout.count}")
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream stream broke: {exc!r}") from exc
+        finally:
+            await response.aclose()
+        return index
+
+    async def _store_piece(self, dl: Download, index: int, data: bytes, hasher: Any) -> None:
+        def write() -> bytes:
+            hasher.update(data)
+            return self.store.write_piece(dl.digest, index, data)
+
+        dl.hashes[index] = await trio.to_thread.run_sync(write)
+        dl.bytes_by_source["upstream"] = dl.bytes_by_source.get("upstream", 0) + len(data)
+        self.metrics.blob_bytes_fetched.labels("upstream").inc(len(data))
+        if index < dl.layout.count - 1:
+            dl.publish(index)
+
+    async def _make_room(self, incoming: int) -> None:
+        for digest in self.lru.choose_evictions(incoming):
+            self.lru.remove(digest)
+            self.tables.pop(digest, None)
+            self.metrics.cache_evictions.inc()
+            log.info("cache: evicting %s", digest.short)
+            await trio.to_thread.run_sync(self.store.delete_blob, digest)
+        self._update_gauges()
+
+    async def drop_corrupt(self, digest: Digest) -> None:
+        """Forget and delete a cached blob found damaged on disk."""
+        self.metrics.corrupt_pieces.inc()
+        if self.tables.pop(digest, None) is not None:
+            self.lru.remove(digest)
+            log.warning("cache: blob %s damaged on disk; dropped", digest.short)
+            await trio.to_thread.run_sync(self.store.delete_blob, digest)
+        self._update_gauges()
+
+    def prefetch(self, read: Callable[[], Awaitable[bytes]]) -> _Pending:
+        """Run the coroutine function ``read`` in the background; collect its outcome."""
+        pending = _Pending()
+
+        async def runner() -> None:
+            try:
+                pending.value = await read()
+            except Exception as exc:
+                pending.error = exc
+            finally:
+                pending.done.set()
+
+        self._nursery.start_soon(runner)
+        return pending
+
+    async def read_piece(self, digest: Digest, index: int, dl: Download | None) -> bytes:
+        """Piece ``index`` of ``digest``, verified, from the cache or a download in flight."""
+        if dl is not None:
+            expected = await dl.wait_piece(index)
+            data = await trio.to_thread.run_sync(
+                self.store.read_unverified_piece, digest, index
+            )
+            ok = await trio.to_thread.run_sync(_matches, data, expected)
+            if not ok:
+                raise CorruptPiece(f"piece {index} of {digest.short} changed on disk")
+            return data
+        table = self.tables.get(digest)
+        if table is None:
+            raise CorruptPiece(f"blob {digest.short} left the cache while being served")
+        try:
+            return await trio.to_thread.run_sync(self.store.read_piece, table, index)
+        except CorruptPiece:
+            await self.drop_corrupt(digest)
+            raise
+        except FileNotFoundError as exc:
+            await self.drop_corrupt(digest)
+            raise CorruptPiece(f"piece {index} of {digest.short} is missing") from exc
+
+
+def _matches(data: bytes, expected: bytes) -> bool:
+    return hashlib.sha256(data).digest() == expected
