@@ -1,0 +1,123 @@
+"""Starting real p2pd daemons as processes, and reading their metrics."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from p2pd.lab.procs import Proc, free_port, wait_http
+
+log = logging.getLogger(__name__)
+
+
+class P2pd:
+    """One ``p2pd run`` process with its own cache directory and mirror port."""
+
+    def __init__(self, workdir: Path, port: int, proc: Proc, args: list[str]) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.proc = proc
+        self.args = args
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        registries: Mapping[str, str] = {},
+        default_registry: str | None = None,
+        extra: Sequence[str] = (),
+        port: int | None = None,
+        cache_dir: Path | None = None,
+        timeout: float = 20.0,
+    ) -> P2pd:
+        """Start ``python -m p2pd run`` and wait until ``/healthz`` answers 200.
+
+        ``registries`` maps registry hosts to upstream URLs (``--registry HOST=URL``).
+        """
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = port if port is not None else free_port()
+        args = [
+            sys.executable,
+            "-m",
+            "p2pd",
+            "run",
+            "--mirror-listen",
+            f"127.0.0.1:{port}",
+            "--cache-dir",
+            str(cache_dir or workdir / "cache"),
+            "--log-level",
+            "debug",
+        ]
+        for host, url in registries.items():
+            args += ["--registry", f"{host}={url}"]
+        if default_registry:
+            args += ["--default-registry", default_registry]
+        args += list(extra)
+        proc = Proc.start(args, workdir / f"p2pd-{port}.log")
+        daemon = cls(workdir, port, proc, args)
+        try:
+            wait_http(f"{daemon.url}/healthz", timeout=timeout, ok=(200,), proc=proc)
+        except BaseException:
+            proc.stop()
+            raise
+        return daemon
+
+    @property
+    def url(self) -> str:
+        """Base URL of the mirror port."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def cache_dir(self) -> Path:
+        """The daemon's cache directory."""
+        return Path(self.args[self.args.index("--cache-dir") + 1])
+
+    def restart(self, timeout: float = 20.0) -> None:
+        """Start the same command again (after :meth:`stop` or :meth:`kill`)."""
+        self.proc = Proc.start(self.args, self.workdir / f"p2pd-{self.port}.log.{id(self)}")
+        wait_http(f"{self.url}/healthz", timeout=timeout, ok=(200,), proc=self.proc)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of ``/metrics``, keyed by ``(name, sorted labels)``."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10, trust_env=False).text
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value (0 if the series does not exist yet)."""
+        key = (name, tuple(sorted(labels.items())))
+        return self.metrics().get(key, 0.0)
+
+    def log_text(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.proc.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Terminate the daemon (SIGTERM, then SIGKILL)."""
+        self.proc.stop()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon."""
+        self.proc.kill()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

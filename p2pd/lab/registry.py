@@ -1,0 +1,163 @@
+"""A real ``docker-registry`` (distribution 2.x) instance on loopback for tests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from p2pd.lab.procs import Proc, free_port, wait_http
+
+log = logging.getLogger(__name__)
+
+REGISTRY_BIN = "docker-registry"
+HTPASSWD_BIN = "htpasswd"
+
+
+def make_htpasswd(path: Path, user: str, password: str) -> Path:
+    """Write a bcrypt htpasswd file for ``user`` (``htpasswd -Bbn``) to ``path``."""
+    out = subprocess.run(
+        [HTPASSWD_BIN, "-Bbn", user, password],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path.write_text(out.strip() + "\n")
+    return path
+
+
+def _yaml_str(value: str) -> str:
+    # JSON strings are valid YAML double-quoted scalars.
+    return json.dumps(value)
+
+
+def registry_config(root: Path, addr: str, htpasswd_file: Path | None = None) -> str:
+    """Render a docker-registry configuration YAML document."""
+    lines = [
+        "version: 0.1",
+        "log:",
+        "  level: info",
+        "  formatter: text",
+        "storage:",
+        "  filesystem:",
+        f"    rootdirectory: {_yaml_str(str(root))}",
+        "  delete:",
+        "    enabled: true",
+        "  maintenance:",
+        "    uploadpurging:",
+        "      enabled: false",
+        "http:",
+        f"  addr: {_yaml_str(addr)}",
+        "  secret: p2pd-lab-secret",
+        "  headers:",
+        "    X-Content-Type-Options: [nosniff]",
+    ]
+    if htpasswd_file is not None:
+        lines += [
+            "auth:",
+            "  htpasswd:",
+            "    realm: p2pd-lab",
+            f"    path: {_yaml_str(str(htpasswd_file))}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class Registry:
+    """A running docker-registry serving plain HTTP on ``127.0.0.1``.
+
+    Create with :meth:`Registry.start`; use as a context manager or call :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        root: Path,
+        port: int,
+        proc: Proc,
+        creds: tuple[str, str] | None,
+    ):
+        """Wrap an already started registry; prefer :meth:`start`."""
+        self.workdir = workdir
+        self.root = root
+        self.port = port
+        self.proc = proc
+        self.creds = creds
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        *,
+        htpasswd: tuple[str, str] | None = None,
+        port: int | None = None,
+        timeout: float = 20.0,
+    ) -> Registry:
+        """Write a config into ``workdir`` and start ``docker-registry serve``.
+
+        ``htpasswd`` is ``(user, password)``; when given the registry requires basic auth.
+        Blocks until ``/v2/`` answers 200 or 401.
+        """
+        workdir.mkdir(parents=True, exist_ok=True)
+        root = workdir / "storage"
+        root.mkdir(exist_ok=True)
+        port = port if port is not None else free_port()
+        addr = f"127.0.0.1:{port}"
+        auth_file = None
+        if htpasswd is not None:
+            auth_file = make_htpasswd(workdir / "htpasswd", *htpasswd)
+        config = workdir / "config.yml"
+        config.write_text(registry_config(root, addr, auth_file))
+        proc = Proc.start([REGISTRY_BIN, "serve", str(config)], workdir / "registry.log")
+        try:
+            wait_http(f"http://{addr}/v2/", timeout=timeout, proc=proc)
+        except BaseException:
+            proc.stop()
+            raise
+        log.info("docker-registry up at %s (root %s)", addr, root)
+        return cls(workdir, root, port, proc, htpasswd)
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, the registry host as used in image references."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Base URL, ``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}"
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the registry keeps the blob ``digest`` (``sha256:<hex>``) on disk."""
+        algo, _, hexdigest = digest.partition(":")
+        return (
+            self.root
+            / "docker"
+            / "registry"
+            / "v2"
+            / "blobs"
+            / algo
+            / hexdigest[:2]
+            / hexdigest
+            / "data"
+        )
+
+    def stop(self) -> None:
+        """Stop the registry process."""
+        self.proc.stop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Registry {self.url} root={self.root}>"
