@@ -15,7 +15,7 @@ from p2pd.errors import ConfigError, P2PError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from p2pd.daemon import run_daemon
+    from p2pd.daemon import serve_until_signalled
 
     config = load_run_config(args)
     logging.basicConfig(
@@ -26,10 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     # Our own lines say what each upstream request was for; httpx's repeat them.
     for noisy in ("httpx", "httpcore", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
-    try:
-        trio.run(run_daemon, config)
-    except KeyboardInterrupt:
-        return 0
+    trio.run(serve_until_signalled, config)
     return 0
 
 

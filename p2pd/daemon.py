@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 
 import trio
@@ -56,3 +57,14 @@ async def run_daemon(
     finally:
         with trio.CancelScope(shield=True):
             await upstreams.aclose()
+
+
+async def serve_until_signalled(config: DaemonConfig) -> None:
+    """Run the daemon until SIGTERM or SIGINT, then shut it down cleanly."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(run_daemon, config)
+            async for signum in signals:
+                log.info("p2pd: %s received, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

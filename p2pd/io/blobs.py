@@ -12,11 +12,12 @@ deleted. A broken upstream stream is resumed with ``Range`` from the first missi
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import trio
@@ -26,13 +27,14 @@ from p2pd.core.lru import LruPolicy
 from p2pd.core.pieces import PieceLayout
 from p2pd.errors import CorruptPiece, DigestMismatch, P2PError, UpstreamError
 from p2pd.io.metrics import Metrics
-from p2pd.io.store import DiskStore, PieceTable
+from p2pd.io.store import DiskStore, FileRegion, PieceTable
 from p2pd.io.upstream import Upstreams
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_ATTEMPTS = 4
 RETRY_DELAY = 0.5
+RECENT_BYTES = 32 << 20
 
 
 class DownloadFailed(P2PError):
@@ -49,6 +51,10 @@ class Download:
     published: list[bool] = field(default_factory=list)
     error: BaseException | None = None
     bytes_by_source: dict[str, int] = field(default_factory=dict)
+    # The newest pieces stay in memory, so readers keeping pace with the download get
+    # them without reading and hashing the file again.
+    recent: dict[int, bytes] = field(default_factory=dict)
+    recent_bytes: int = 0
     _changed: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -63,6 +69,14 @@ class Download:
     def publish(self, index: int) -> None:
         self.published[index] = True
         self._notify()
+
+    def remember(self, index: int, data: bytes) -> None:
+        """Keep piece ``index`` in memory for readers, within :data:`RECENT_BYTES`."""
+        self.recent[index] = data
+        self.recent_bytes += len(data)
+        while self.recent_bytes > RECENT_BYTES and len(self.recent) > 1:
+            oldest = min(self.recent)
+            self.recent_bytes -= len(self.recent.pop(oldest))
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -80,20 +94,28 @@ class Download:
             await self._changed.wait()
 
 
-class _Pending:
+class Pending:
     """The outcome of a piece read running in the background."""
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.value: bytes | None = None
+        self.value: bytes | FileRegion | None = None
         self.error: Exception | None = None
+        self.discarded = False
 
-    async def result(self) -> bytes:
+    async def result(self) -> bytes | FileRegion:
         await self.done.wait()
         if self.error is not None:
             raise self.error
         assert self.value is not None
         return self.value
+
+    def discard(self) -> None:
+        """Nobody will take the result: release it (now or when it arrives)."""
+        self.discarded = True
+        if isinstance(self.value, FileRegion):
+            self.value.close()
+            self.value = None
 
 
 class BlobService:
@@ -172,7 +194,27 @@ class BlobService:
         self, dl: Download, registry: str, name: str, headers: list[tuple[str, str]]
     ) -> None:
         layout, digest = dl.layout, dl.digest
-        hasher = hashlib.sha256()
+        hasher = _OrderedHasher()
+        try:
+            await self._fetch_pieces(dl, hasher, registry, name, headers)
+            actual = await hasher.digest()
+        finally:
+            hasher.close()
+        if actual != bytes.fromhex(digest.hex):
+            raise DigestMismatch(f"upstream bytes of {digest.short} hash to "
+                                 f"sha256:{actual.hex()[:12]}")
+        table = PieceTable(digest, layout, tuple(h for h in dl.hashes if h is not None))
+        await trio.to_thread.run_sync(self.store.commit, table)
+        self.tables[digest] = table
+        self.lru.add(digest, layout.size)
+        if layout.count:
+            dl.publish(layout.count - 1)
+
+    async def _fetch_pieces(
+        self, dl: Download, hasher: _OrderedHasher, registry: str, name: str,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        layout, digest = dl.layout, dl.digest
         next_piece, failures = 0, 0
         self.metrics.upstream_fetches.inc()
         while next_piece < layout.count:
@@ -190,18 +232,9 @@ class BlobService:
                 log.info("blob %s: upstream broke at piece %d (%s); resuming",
                          digest.short, next_piece, exc)
                 await trio.sleep(RETRY_DELAY * failures)
-        if hasher.digest() != bytes.fromhex(digest.hex):
-            raise DigestMismatch(f"upstream bytes of {digest.short} hash to "
-                                 f"sha256:{hasher.hexdigest()[:12]}")
-        table = PieceTable(digest, layout, tuple(h for h in dl.hashes if h is not None))
-        await trio.to_thread.run_sync(self.store.commit, table)
-        self.tables[digest] = table
-        self.lru.add(digest, layout.size)
-        if layout.count:
-            dl.publish(layout.count - 1)
 
     async def _stream_pieces(
-        self, dl: Download, hasher: Any, index: int, registry: str, path: str,
+        self, dl: Download, hasher: _OrderedHasher, index: int, registry: str, path: str,
         headers: list[tuple[str, str]],
     ) -> int:
         """Read pieces from one upstream response starting at ``index``; return the next."""
@@ -230,14 +263,18 @@ class BlobService:
             await response.aclose()
         return index
 
-    async def _store_piece(self, dl: Download, index: int, data: bytes, hasher: Any) -> None:
-        def write() -> bytes:
-            hasher.update(data)
-            return self.store.write_piece(dl.digest, index, data)
-
-        dl.hashes[index] = await trio.to_thread.run_sync(write)
+    async def _store_piece(
+        self, dl: Download, index: int, data: bytes, hasher: _OrderedHasher
+    ) -> None:
+        # The whole-blob hash runs on its own thread, in order, while this piece is
+        # written and hashed on another: the two hashes overlap instead of adding up.
+        await hasher.update(data)
+        dl.hashes[index] = await trio.to_thread.run_sync(
+            self.store.write_piece, dl.digest, index, data
+        )
         dl.bytes_by_source["upstream"] = dl.bytes_by_source.get("upstream", 0) + len(data)
         self.metrics.blob_bytes_fetched.labels("upstream").inc(len(data))
+        dl.remember(index, data)
         if index < dl.layout.count - 1:
             dl.publish(index)
 
@@ -259,9 +296,9 @@ class BlobService:
             await trio.to_thread.run_sync(self.store.delete_blob, digest)
         self._update_gauges()
 
-    def prefetch(self, read: Callable[[], Awaitable[bytes]]) -> _Pending:
+    def prefetch(self, read: Callable[[], Awaitable[bytes | FileRegion]]) -> Pending:
         """Run the coroutine function ``read`` in the background; collect its outcome."""
-        pending = _Pending()
+        pending = Pending()
 
         async def runner() -> None:
             try:
@@ -270,14 +307,25 @@ class BlobService:
                 pending.error = exc
             finally:
                 pending.done.set()
+                if pending.discarded:
+                    pending.discard()
 
         self._nursery.start_soon(runner)
         return pending
 
-    async def read_piece(self, digest: Digest, index: int, dl: Download | None) -> bytes:
-        """Piece ``index`` of ``digest``, verified, from the cache or a download in flight."""
+    async def read_piece(
+        self, digest: Digest, index: int, dl: Download | None
+    ) -> bytes | FileRegion:
+        """Piece ``index`` of ``digest``, known good, from a download in flight or the cache.
+
+        A :class:`FileRegion` (an open file to ``sendfile``) is returned for cached pieces
+        that verified before and have not changed since; otherwise verified bytes.
+        """
         if dl is not None:
             expected = await dl.wait_piece(index)
+            data = dl.recent.get(index)
+            if data is not None:
+                return data
             data = await trio.to_thread.run_sync(
                 self.store.read_unverified_piece, digest, index
             )
@@ -288,6 +336,9 @@ class BlobService:
         table = self.tables.get(digest)
         if table is None:
             raise CorruptPiece(f"blob {digest.short} left the cache while being served")
+        region = self.store.trusted_region(table, index)
+        if region is not None:
+            return region
         try:
             return await trio.to_thread.run_sync(self.store.read_piece, table, index)
         except CorruptPiece:
@@ -296,6 +347,33 @@ class BlobService:
         except FileNotFoundError as exc:
             await self.drop_corrupt(digest)
             raise CorruptPiece(f"piece {index} of {digest.short} is missing") from exc
+
+
+class _OrderedHasher:
+    """A sha256 fed on one background thread, in submission order, a bounded way ahead."""
+
+    MAX_QUEUED = 8
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pd-blobhash")
+        self._queued: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+
+    async def update(self, data: bytes) -> None:
+        """Queue ``data``; wait only if the hash thread is far behind."""
+        self._queued.append(self._executor.submit(self._hash.update, data))
+        while len(self._queued) > self.MAX_QUEUED:
+            await trio.to_thread.run_sync(self._queued.popleft().result)
+
+    async def digest(self) -> bytes:
+        """Wait for every queued update; return the hash."""
+        while self._queued:
+            await trio.to_thread.run_sync(self._queued.popleft().result)
+        return self._hash.digest()
+
+    def close(self) -> None:
+        """Stop the hash thread (pending updates are dropped)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _matches(data: bytes, expected: bytes) -> bool:

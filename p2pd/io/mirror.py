@@ -22,11 +22,13 @@ import trio
 from p2pd.config import DaemonConfig
 from p2pd.core.digest import Digest
 from p2pd.core.oci import AccessGrants, Route, error_body, error_for, parse_target
+from p2pd.core.pieces import PieceLayout
 from p2pd.core.ranges import ByteRange, parse_range
 from p2pd.errors import CorruptPiece, InvalidRequest, RangeNotSatisfiable, UpstreamError
-from p2pd.io.blobs import BlobService, Download, DownloadFailed
+from p2pd.io.blobs import BlobService, Download, DownloadFailed, Pending
 from p2pd.io.http import Request, ResponseAborted, ResponseWriter
 from p2pd.io.metrics import Metrics
+from p2pd.io.store import FileRegion
 from p2pd.io.upstream import Upstreams, forwardable
 
 log = logging.getLogger(__name__)
@@ -252,51 +254,29 @@ class Mirror:
         self.blobs.lru.pin(digest)
         try:
             dl: Download | None = None
-            pieces = None
-            first: bytes | None = None
-            if self.blobs.complete(digest) is not None:
-                table = self.blobs.complete(digest)
-                assert table is not None
-                pieces = table.layout.pieces_for(rng.start, rng.stop)
+            first: bytes | FileRegion | None = None
+            table = self.blobs.complete(digest)
+            if table is not None:
+                layout = table.layout
+                pieces = layout.pieces_for(rng.start, rng.stop)
                 try:
-                    first = await self.blobs.read_piece(digest, pieces[0], None) if pieces else b""
+                    first = await self.blobs.read_piece(digest, pieces[0], None) \
+                        if pieces else b""
                 except CorruptPiece as exc:
                     log.warning("blob %s: %s; fetching it again", digest.short, exc)
             if first is None:
                 self.metrics.cache_misses.inc()
                 dl = self.blobs.download(registry, route.name, digest, rng.size,
                                          forwardable(req.headers))
-                pieces = dl.layout.pieces_for(rng.start, rng.stop)
+                layout = dl.layout
+                pieces = layout.pieces_for(rng.start, rng.stop)
                 source = "download"
             else:
                 self.metrics.cache_hits.inc()
                 source = "cache"
-            assert pieces is not None
-            layout = dl.layout if dl is not None else self.blobs.tables[digest].layout
-            sent = 0
-            pending = None
             try:
-                for n, index in enumerate(pieces):
-                    if n == 0 and first is not None:
-                        data = first
-                    elif pending is not None:
-                        data = await pending.result()
-                    else:
-                        data = await self.blobs.read_piece(digest, index, dl)
-                    if n + 1 < len(pieces):
-                        pending = self.blobs.prefetch(
-                            functools.partial(self.blobs.read_piece, digest, pieces[n + 1], dl))
-                    if n == 0:
-                        await resp.start(status, headers)
-                    start, stop = layout.span(index)
-                    lo, hi = max(rng.start, start) - start, min(rng.stop, stop) - start
-                    chunk = memoryview(data)[lo:hi] if (lo, hi) != (0, len(data)) else data
-                    await resp.write(chunk)
-                    sent += hi - lo
-                    self.metrics.blob_bytes_served.labels(source).inc(hi - lo)
-                if not pieces:
-                    await resp.start(status, headers)
-                await resp.finish()
+                sent = await self._send_pieces(resp, digest, dl, layout, pieces, rng, first,
+                                               status, headers, source)
             except (CorruptPiece, DownloadFailed) as exc:
                 self.metrics.aborted_responses.inc()
                 if not resp.started:
@@ -305,16 +285,62 @@ class Mirror:
                     return
                 raise ResponseAborted(f"blob {digest.short}: {exc}") from exc
             elapsed = trio.current_time() - started
-            if dl is not None:
-                origin = ", ".join(f"{k}" for k in sorted(dl.bytes_by_source)) or "download"
-            else:
-                origin = "cache"
+            origin = ",".join(sorted(dl.bytes_by_source)) or "download" if dl else "cache"
             log.info("blob %s %s bytes=%d from=%s in %.3fs client=%s", digest.short,
                      "whole" if rng.is_whole else rng.content_range(), sent, origin, elapsed,
                      req.client)
             self.metrics.blob_duration.labels(source).observe(elapsed)
         finally:
             self.blobs.lru.unpin(digest)
+
+    async def _send_pieces(
+        self, resp: ResponseWriter, digest: Digest, dl: Download | None,
+        layout: PieceLayout, pieces: range, rng: ByteRange,
+        first: bytes | FileRegion | None, status: int, headers: list[tuple[str, str]],
+        source: str,
+    ) -> int:
+        """Stream ``pieces``, reading the next while sending this one; return bytes sent.
+
+        The head goes out only once the first piece is in hand, so a first piece that
+        cannot be had turns into an error status instead of a cut-off body.
+        """
+        served = self.metrics.blob_bytes_served.labels(source)
+        sent = 0
+        pending: Pending | None = None
+        part: bytes | FileRegion | None = first
+        try:
+            for n, index in enumerate(pieces):
+                if part is None and pending is not None:
+                    part, pending = await pending.result(), None
+                elif part is None:
+                    part = await self.blobs.read_piece(digest, index, dl)
+                if n + 1 < len(pieces):
+                    pending = self.blobs.prefetch(
+                        functools.partial(self.blobs.read_piece, digest, pieces[n + 1], dl))
+                if n == 0:
+                    await resp.start(status, headers)
+                start, stop = layout.span(index)
+                lo, hi = max(rng.start, start) - start, min(rng.stop, stop) - start
+                if isinstance(part, FileRegion):
+                    try:
+                        await resp.write_file(part.fd, lo, hi - lo)
+                    finally:
+                        part.close()
+                else:
+                    await resp.write(part if (lo, hi) == (0, len(part))
+                                     else memoryview(part)[lo:hi])
+                part = None
+                sent += hi - lo
+                served.inc(hi - lo)
+            if not pieces:
+                await resp.start(status, headers)
+            await resp.finish()
+        finally:
+            if isinstance(part, FileRegion):
+                part.close()
+            if pending is not None:
+                pending.discard()
+        return sent
 
 
 async def _read_bounded(upstream: httpx.Response, limit: int) -> bytes:

@@ -11,7 +11,12 @@ Layout under the cache directory::
 Every file is written under ``tmp/`` and renamed into place, so a crash (``kill -9``)
 leaves either nothing or a whole file. A blob without a ``table`` is an interrupted
 download and is deleted at start. Piece bytes are checked against the table on every
-read, so a file damaged on disk is caught before a byte of it is served.
+read, so a file damaged on disk is caught before a byte of it is served. Hashing every
+read would make a cache hit slower than the registry, so a piece that verified once is
+remembered with its file identity (inode, size, mtime, ctime): while those are unchanged
+the file is sent with ``sendfile`` unread; any write to the file changes its ctime and
+sends it through verification again. Identities are kept in memory only, so after a
+restart every piece is verified on its first read.
 
 All methods here block (file I/O); the async layer calls them through
 ``trio.to_thread``.
@@ -23,6 +28,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,27 @@ from p2pd.errors import CorruptPiece, DigestMismatch
 log = logging.getLogger(__name__)
 
 TABLE_VERSION = 1
+# A file is trusted by identity only once its ctime is this old: timestamps are coarse
+# (a clock tick), and a write in the same tick as the last one would not show.
+SETTLE_NS = 2_000_000_000
+_FileKey = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """An open piece file whose bytes are known good: send it with ``sendfile``.
+
+    The receiver owns ``fd`` and must :meth:`close` it.
+    """
+
+    fd: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +105,7 @@ class DiskStore:
         self.blob_root = root / "blobs" / "sha256"
         self.manifest_root = root / "manifests" / "sha256"
         self.tmp = root / "tmp"
+        self._trusted: dict[Digest, dict[int, _FileKey]] = {}
 
     def open(self) -> list[PieceTable]:
         """Create the layout, drop interrupted downloads, and index complete blobs.
@@ -134,11 +162,41 @@ class DiskStore:
         """Mark a blob complete; call only after the whole blob matched its digest."""
         self._atomic_write(self.blob_dir(table.digest) / "table", table.encode())
 
+    def trusted_region(self, table: PieceTable, index: int) -> FileRegion | None:
+        """Piece ``index`` as an open file if it is unchanged since it last verified.
+
+        Only an ``open`` and an ``fstat``: cheap enough to call from the event loop.
+        Returns ``None`` when the piece must be read and verified (:meth:`read_piece`).
+        """
+        known = self._trusted.get(table.digest, {}).get(index)
+        if known is None:
+            return None
+        try:
+            fd = os.open(self.blob_dir(table.digest) / str(index), os.O_RDONLY)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != known:
+            os.close(fd)
+            return None
+        return FileRegion(fd, st.st_size)
+
     def read_piece(self, table: PieceTable, index: int) -> bytes:
-        """Read piece ``index`` and check it against the table (raise :class:`CorruptPiece`)."""
-        data = (self.blob_dir(table.digest) / str(index)).read_bytes()
+        """Read piece ``index`` and check it against the table.
+
+        Raises :class:`CorruptPiece` if the bytes do not match, ``FileNotFoundError`` if
+        the file is gone. A piece that matches and has settled is trusted from then on
+        (see :meth:`trusted_region`).
+        """
+        with open(self.blob_dir(table.digest) / str(index), "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
         if hashlib.sha256(data).digest() != table.hashes[index]:
+            self._trusted.get(table.digest, {}).pop(index, None)
             raise CorruptPiece(f"piece {index} of {table.digest.short} does not match its hash")
+        if time.time_ns() - st.st_ctime_ns > SETTLE_NS:
+            key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            self._trusted.setdefault(table.digest, {})[index] = key
         return data
 
     def read_unverified_piece(self, digest: Digest, index: int) -> bytes:
@@ -154,6 +212,7 @@ class DiskStore:
 
     def delete_blob(self, digest: Digest) -> None:
         """Remove a blob and all its pieces (complete or not)."""
+        self._trusted.pop(digest, None)
         directory = self.blob_dir(digest)
         if directory.exists():
             # Rename first so a half-deleted blob is never mistaken for a stored one.
