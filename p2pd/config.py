@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pd.core.names import default_endpoint, validate_registry_host
-from p2pd.errors import ConfigError
+from p2pd.errors import ConfigError, P2PError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -32,8 +32,10 @@ _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 def parse_size(text: str | int) -> int:
     """Parse a byte count with an optional unit: ``10GiB``, ``500MB``, ``1.5G``, ``4096``."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
         return text
+    if not isinstance(text, str):
+        raise ConfigError(f"{text!r} is not a size (examples: 10GiB, 500MB, 4096)")
     match = _SIZE.fullmatch(text)
     if match is None or match.group(2).lower() not in _UNITS:
         raise ConfigError(f"{text!r} is not a size (examples: 10GiB, 500MB, 4096)")
@@ -42,6 +44,8 @@ def parse_size(text: str | int) -> int:
 
 def parse_hostport(text: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{text!r} is not HOST:PORT")
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{text!r} is not HOST:PORT")
@@ -112,6 +116,27 @@ class Option:
         return self.name.replace("-", "_")
 
 
+def _registry_host(text: Any) -> str:
+    if not isinstance(text, str):
+        raise ConfigError(f"registry host {text!r} is not a string")
+    try:
+        return validate_registry_host(text)
+    except P2PError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _seconds(text: Any, *, zero: bool = False) -> float:
+    value = float(text)
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise ConfigError(f"{text!r} is not a {'non-negative' if zero else 'positive'} "
+                          "number of seconds")
+    return value
+
+
+def _ttl(text: Any) -> float:
+    return _seconds(text, zero=True)
+
+
 def _fraction(text: Any) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -144,11 +169,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("registry-ca", "extra CA bundle (PEM) trusted for a registry host's TLS "
            "(repeatable)", str, repeatable=True, metavar="HOST=FILE"),
     Option("default-registry", "registry used for requests without containerd's ns= "
-           "parameter (default docker.io)", validate_registry_host, metavar="HOST"),
+           "parameter (default docker.io)", _registry_host, metavar="HOST"),
     Option("upstream-timeout", "seconds to wait for an upstream registry to answer or send "
-           "more bytes (default 60)", float, metavar="SECONDS"),
+           "more bytes (default 60)", _seconds, metavar="SECONDS"),
     Option("access-ttl", "seconds a client's upstream-confirmed read access to a repository "
-           "is remembered before it is checked again (default 300)", float,
+           "is remembered before it is checked again (default 300)", _ttl,
            metavar="SECONDS"),
     Option("log-level", "debug, info, warning or error (default info)", _log_level,
            metavar="LEVEL"),
@@ -173,7 +198,7 @@ def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
         host, sep, rest = value.partition("=")
         if not sep or not host or not rest:
             raise ConfigError(f"{what} {value!r} is not HOST=VALUE")
-        out[validate_registry_host(host)] = rest
+        out[_registry_host(host)] = rest
     return out
 
 
@@ -194,12 +219,16 @@ def load_run_config(
         unknown = set(doc) - known
         if unknown:
             raise ConfigError(f"unknown keys in {config_file}: {', '.join(sorted(unknown))}")
-        file_registries = dict(doc.pop("registries", {}))
+        file_registries = doc.pop("registries", {})
+        if not isinstance(file_registries, dict):
+            raise ConfigError(f"registries in {config_file} must be a table of tables")
         raw.update(doc)
     for opt in RUN_OPTIONS:
         if opt.env in env:
             text = env[opt.env]
-            raw[opt.name] = [v for v in text.split(",") if v] if opt.repeatable else text
+            raw[opt.name] = (
+                [v.strip() for v in text.split(",") if v.strip()] if opt.repeatable else text
+            )
         value = getattr(args, opt.dest, None)
         if value is not None:
             raw[opt.name] = value
@@ -220,31 +249,48 @@ def _build(raw: Mapping[str, Any], file_registries: Mapping[str, Any]) -> Daemon
     for host, table in file_registries.items():
         if not isinstance(table, dict):
             raise ConfigError(f"[registries.{host!r}] must be a table")
-        validate_registry_host(host)
-        registries[host] = RegistryConfig(
-            host,
-            str(table.get("endpoint", default_endpoint(host))).rstrip("/"),
-            Path(table["ca-file"]) if "ca-file" in table else None,
-            float(table.get("connect-timeout", 10.0)),
-            float(table.get("timeout", timeout)),
-        )
+        _registry_host(host)
+        unknown = set(table) - _REGISTRY_KEYS
+        if unknown:
+            raise ConfigError(f"unknown keys in [registries.{host!r}]: "
+                              f"{', '.join(sorted(unknown))}")
+        try:
+            registries[host] = RegistryConfig(
+                host,
+                _endpoint(host, str(table.get("endpoint", default_endpoint(host)))),
+                Path(table["ca-file"]) if "ca-file" in table else None,
+                _seconds(table.get("connect-timeout", 10.0)),
+                _seconds(table.get("timeout", timeout)),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"[registries.{host!r}]: {exc}") from exc
     endpoints = _pairs(_as_list(raw.get("registry", [])), "--registry")
     cas = _pairs(_as_list(raw.get("registry-ca", [])), "--registry-ca")
     for host in endpoints.keys() | cas.keys():
         base = registries.get(host) or RegistryConfig(
             host, default_endpoint(host), read_timeout=timeout
         )
-        endpoint = endpoints.get(host, base.endpoint).rstrip("/")
-        if not endpoint.startswith(("http://", "https://")):
-            raise ConfigError(f"endpoint {endpoint!r} of {host} must start with http(s)://")
+        endpoint = _endpoint(host, endpoints.get(host, base.endpoint))
         ca = Path(cas[host]) if host in cas else base.ca_file
         registries[host] = RegistryConfig(
             host, endpoint, ca, base.connect_timeout, base.read_timeout
         )
     config = DaemonConfig(registries=registries, **values)
+    if config.cache_size <= 0:
+        raise ConfigError("cache-size must be more than 0 bytes")
     if config.cache_low > config.cache_high:
         raise ConfigError("cache-low must not exceed cache-high")
     return config
+
+
+_REGISTRY_KEYS = frozenset({"endpoint", "ca-file", "timeout", "connect-timeout"})
+
+
+def _endpoint(host: str, url: str) -> str:
+    endpoint = url.rstrip("/")
+    if not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"endpoint {endpoint!r} of {host} must start with http(s)://")
+    return endpoint
 
 
 def _as_list(value: Any) -> list[str]:

@@ -9,14 +9,33 @@ and only ever rewrites or removes those.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from p2pd.core.names import default_endpoint, validate_registry_host
-from p2pd.errors import ConfigError
+from p2pd.errors import ConfigError, P2PError
 
 MARKER = "# Managed by p2pd containerd-config: p2pd rewrites or removes only files with this line."
 DEFAULT = "_default"
+# What may go between the quotes of a TOML basic string unescaped, and into a URL.
+_URL = re.compile(r"https?://[^\s\"\\\x00-\x1f\x7f]+")
+
+
+def _url(what: str, url: str) -> str:
+    if not _URL.fullmatch(url):
+        raise ConfigError(f"{what} URL {url!r} must start with http:// or https:// and "
+                          "contain no spaces, quotes or backslashes")
+    return url
+
+
+def _registry(registry: str) -> str:
+    if registry == DEFAULT:
+        return registry
+    try:
+        return validate_registry_host(registry)
+    except P2PError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def render_hosts_toml(registry: str, mirror: str, server: str | None = None) -> str:
@@ -25,11 +44,11 @@ def render_hosts_toml(registry: str, mirror: str, server: str | None = None) -> 
     ``_default`` gets no ``server`` unless one is given (containerd then uses each
     registry's own host); other registries fall back to ``server`` or their HTTPS default.
     """
-    if not mirror.startswith(("http://", "https://")):
-        raise ConfigError(f"mirror URL {mirror!r} must start with http:// or https://")
+    _url("mirror", mirror)
+    if server is not None:
+        _url("server", server)
     lines = [MARKER]
-    if registry != DEFAULT:
-        validate_registry_host(registry)
+    if _registry(registry) != DEFAULT:
         lines.append(f'server = "{server or default_endpoint(registry)}"')
     elif server:
         lines.append(f'server = "{server}"')
@@ -67,7 +86,7 @@ def write_hosts_toml(
 
 def remove_hosts_toml(hosts_dir: Path, registry: str) -> Path | None:
     """Remove ``hosts_dir/<registry>/hosts.toml`` if p2pd wrote it; return what was removed."""
-    path = hosts_dir / registry / "hosts.toml"
+    path = hosts_dir / _registry(registry) / "hosts.toml"
     if not path.exists() or not _ours(path):
         return None
     path.unlink()
