@@ -26,21 +26,47 @@ def _run(args: argparse.Namespace) -> int:
     # Our own lines say what each upstream request was for; httpx's repeat them.
     for noisy in ("httpx", "httpcore", "hpack"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
-    trio.run(serve_until_signalled, config)
+    try:
+        trio.run(serve_until_signalled, config)
+    except (OSError, ExceptionGroup) as exc:
+        cause = _first_os_error(exc)
+        if cause is None:
+            raise
+        print(f"p2pd: cannot run: {cause}", file=sys.stderr)
+        return 2
     return 0
 
 
-def _containerd_config(args: argparse.Namespace) -> int:
-    from p2pd.hosts import remove_hosts_toml, write_hosts_toml
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a start-up failure (a busy port, an unusable cache directory)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
 
-    for registry in args.registry:
-        if args.remove:
+
+def _containerd_config(args: argparse.Namespace) -> int:
+    from p2pd.hosts import check_writable, remove_hosts_toml, write_hosts_toml
+
+    if args.server and len(args.registry) > 1:
+        raise ConfigError("--server names one registry's fallback: give one --registry with it")
+    if args.remove:
+        for registry in args.registry:
             path = remove_hosts_toml(args.hosts_dir, registry)
             print(f"removed {path}" if path else f"nothing of p2pd's for {registry}")
-        else:
-            path = write_hosts_toml(args.hosts_dir, registry, args.mirror, server=args.server,
-                                    force=args.force)
-            print(f"wrote {path}")
+        return 0
+    # Check every file first, so a refusal leaves nothing half-written.
+    for registry in args.registry:
+        check_writable(args.hosts_dir, registry, args.mirror, server=args.server,
+                       force=args.force)
+    for registry in args.registry:
+        path = write_hosts_toml(args.hosts_dir, registry, args.mirror, server=args.server,
+                                force=args.force)
+        print(f"wrote {path}")
     return 0
 
 

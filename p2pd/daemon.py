@@ -41,13 +41,15 @@ async def run_daemon(
     store = DiskStore(config.cache_dir)
     lru: LruPolicy[Digest] = LruPolicy(config.cache_size, high=config.cache_high,
                                        low=config.cache_low)
+    host, port = config.mirror_listen
+    # Bind first: a busy port should fail the start before anything else happens.
+    listeners = await trio.open_tcp_listeners(port, host=host)
     try:
         async with trio.open_nursery() as nursery:
             blobs = BlobService(store, upstreams, metrics, lru, nursery)
             await blobs.open()
             mirror = Mirror(config, blobs, upstreams, metrics)
-            host, port = config.mirror_listen
-            listeners = await nursery.start(serve_http, host, port, mirror.handle)
+            await nursery.start(serve_http, listeners, mirror.handle)
             sockname = listeners[0].socket.getsockname()
             address = (sockname[0], sockname[1])
             mirror.ready = True
@@ -56,6 +58,8 @@ async def run_daemon(
             task_status.started(Running(address, mirror, metrics))
     finally:
         with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
             await upstreams.aclose()
 
 

@@ -65,16 +65,29 @@ def _ours(path: Path) -> bool:
         return False
 
 
+def check_writable(
+    hosts_dir: Path, registry: str, mirror: str, *, server: str | None = None,
+    force: bool = False,
+) -> str:
+    """Validate a write of ``hosts_dir/<registry>/hosts.toml``; return the text to write.
+
+    Raises :class:`ConfigError` for bad arguments or a file p2pd did not write.
+    """
+    text = render_hosts_toml(registry, mirror, server)
+    path = hosts_dir / registry / "hosts.toml"
+    if path.exists() and not force and not _ours(path):
+        raise ConfigError(f"{path} was not written by p2pd; leaving it alone (use --force)")
+    return text
+
+
 def write_hosts_toml(
     hosts_dir: Path, registry: str, mirror: str, *, server: str | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``hosts_dir/<registry>/hosts.toml`` atomically; refuse to replace a foreign one."""
-    text = render_hosts_toml(registry, mirror, server)
+    text = check_writable(hosts_dir, registry, mirror, server=server, force=force)
     directory = hosts_dir / registry
     path = directory / "hosts.toml"
-    if path.exists() and not force and not _ours(path):
-        raise ConfigError(f"{path} was not written by p2pd; leaving it alone (use --force)")
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hosts.toml.")
     with os.fdopen(fd, "w") as f:

@@ -77,6 +77,10 @@ class LruPolicy(Generic[K]):
         if self._pins[key] <= 0:
             del self._pins[key]
 
+    def is_pinned(self, key: K) -> bool:
+        """Whether ``key`` is protected from eviction."""
+        return key in self._pins
+
     def over_high_watermark(self, incoming: int = 0) -> bool:
         """Whether the cache, plus ``incoming`` bytes about to be written, passes the high mark."""
         return self.total_bytes + incoming > self.high_bytes

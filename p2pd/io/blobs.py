@@ -181,7 +181,7 @@ class BlobService:
             if isinstance(exc, DigestMismatch):
                 self.metrics.digest_mismatches.inc()
             dl.fail(exc)
-            await trio.to_thread.run_sync(self.store.delete_blob, dl.digest)
+            await self._delete(dl.digest)
         finally:
             if dl.error is None and dl.digest not in self.tables:
                 dl.fail(DownloadFailed("download was interrupted"))
@@ -278,14 +278,29 @@ class BlobService:
         if index < dl.layout.count - 1:
             dl.publish(index)
 
+    def touch(self, digest: Digest) -> None:
+        """Record a use of a cached blob (LRU order, kept across restarts as atime)."""
+        self.lru.touch(digest)
+        self.store.touch(digest)
+
     async def _make_room(self, incoming: int) -> None:
         for digest in self.lru.choose_evictions(incoming):
+            # A reader may have pinned it while an earlier victim was being deleted.
+            if self.lru.is_pinned(digest) or digest not in self.tables:
+                continue
             self.lru.remove(digest)
-            self.tables.pop(digest, None)
+            del self.tables[digest]
             self.metrics.cache_evictions.inc()
             log.info("cache: evicting %s", digest.short)
-            await trio.to_thread.run_sync(self.store.delete_blob, digest)
+            await self._delete(digest)
         self._update_gauges()
+
+    async def _delete(self, digest: Digest) -> None:
+        # Detaching is one rename, done at once so a new download of the same digest
+        # starts from an empty directory; the slow removal runs on a thread.
+        doomed = self.store.detach_blob(digest)
+        if doomed is not None:
+            await trio.to_thread.run_sync(self.store.remove_detached, doomed)
 
     async def drop_corrupt(self, digest: Digest) -> None:
         """Forget and delete a cached blob found damaged on disk."""
@@ -293,7 +308,7 @@ class BlobService:
         if self.tables.pop(digest, None) is not None:
             self.lru.remove(digest)
             log.warning("cache: blob %s damaged on disk; dropped", digest.short)
-            await trio.to_thread.run_sync(self.store.delete_blob, digest)
+            await self._delete(digest)
         self._update_gauges()
 
     def prefetch(self, read: Callable[[], Awaitable[bytes | FileRegion]]) -> Pending:

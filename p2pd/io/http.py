@@ -158,16 +158,14 @@ Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
 
 
 async def serve_http(
-    host: str,
-    port: int,
+    listeners: list[trio.SocketListener],
     handler: Handler,
     *,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve HTTP on ``host:port`` until cancelled; ``started`` reports the listeners."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    """Serve HTTP on ``listeners`` (from ``trio.open_tcp_listeners``) until cancelled."""
     async with trio.open_nursery() as nursery:
-        task_status.started(listeners)
+        task_status.started()
 
         async def on_connection(stream: trio.SocketStream) -> None:
             await _serve_connection(stream, handler)

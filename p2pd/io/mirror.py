@@ -273,6 +273,7 @@ class Mirror:
                 source = "download"
             else:
                 self.metrics.cache_hits.inc()
+                self.blobs.touch(digest)
                 source = "cache"
             try:
                 sent = await self._send_pieces(resp, digest, dl, layout, pieces, rng, first,

@@ -212,16 +212,26 @@ class DiskStore:
 
     def delete_blob(self, digest: Digest) -> None:
         """Remove a blob and all its pieces (complete or not)."""
+        doomed = self.detach_blob(digest)
+        if doomed is not None:
+            self.remove_detached(doomed)
+
+    def detach_blob(self, digest: Digest) -> Path | None:
+        """Move a blob's directory out of the way (one rename); return where it went.
+
+        From then on the blob is absent; :meth:`remove_detached` deletes the files.
+        """
         self._trusted.pop(digest, None)
-        directory = self.blob_dir(digest)
-        if directory.exists():
-            # Rename first so a half-deleted blob is never mistaken for a stored one.
-            doomed = self.tmp / f"{digest.hex}.{uuid.uuid4().hex}.del"
-            try:
-                os.replace(directory, doomed)
-            except OSError:
-                doomed = directory
-            _remove(doomed)
+        doomed = self.tmp / f"{digest.hex}.{uuid.uuid4().hex}.del"
+        try:
+            os.replace(self.blob_dir(digest), doomed)
+        except FileNotFoundError:
+            return None
+        return doomed
+
+    def remove_detached(self, doomed: Path) -> None:
+        """Delete a directory returned by :meth:`detach_blob`."""
+        _remove(doomed)
 
     def write_manifest(self, digest: Digest, media_type: str, body: bytes) -> None:
         """Cache a manifest fetched by digest (checked against it first)."""

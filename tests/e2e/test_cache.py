@@ -229,9 +229,6 @@ def test_eviction_keeps_the_cache_under_its_size(
         assert status == 200 and body == truth(five_mib_image, layers[0])
 
 
-@pytest.mark.xfail(strict=True, reason="cache hits do not refresh recency: neither "
-                   "LruPolicy.touch nor DiskStore.touch is called anywhere, so eviction "
-                   "is first-in-first-out, not least-recently-used")
 def test_eviction_spares_a_blob_read_recently(
     tmp_path: Path, registry: Registry, three_mib_image: Image,
 ) -> None:

@@ -402,8 +402,6 @@ def test_run_with_a_bad_config_file_exits_2_with_one_line(tmp_path: Path) -> Non
     assert "bogus" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="p2pd run: a mirror port already in use escapes as an "
-                   "OSError traceback inside an ExceptionGroup (exit 1), not a p2pd: line")
 def test_run_with_the_mirror_port_in_use_exits_2_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -414,8 +412,6 @@ def test_run_with_the_mirror_port_in_use_exits_2_with_one_line(tmp_path: Path) -
     assert_one_line_error(result)
 
 
-@pytest.mark.xfail(strict=True, reason="p2pd run: an unusable --cache-dir escapes as an "
-                   "OSError traceback inside an ExceptionGroup (exit 1), not a p2pd: line")
 def test_run_with_an_unusable_cache_dir_exits_2_with_one_line(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
