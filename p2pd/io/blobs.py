@@ -12,8 +12,7 @@ deleted. A broken upstream stream is resumed with ``Range`` from the first missi
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
+import functools
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,6 +26,7 @@ from p2pd.core.lru import LruPolicy
 from p2pd.core.pieces import PieceLayout
 from p2pd.errors import CorruptPiece, DigestMismatch, P2PError, UpstreamError
 from p2pd.io.metrics import Metrics
+from p2pd.io.sink import PieceSink
 from p2pd.io.store import DiskStore, FileRegion, PieceTable
 from p2pd.io.upstream import Upstreams
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_ATTEMPTS = 4
 RETRY_DELAY = 0.5
-RECENT_BYTES = 32 << 20
+RECENT_BYTES = 8 << 20
 
 
 class DownloadFailed(P2PError):
@@ -194,12 +194,12 @@ class BlobService:
         self, dl: Download, registry: str, name: str, headers: list[tuple[str, str]]
     ) -> None:
         layout, digest = dl.layout, dl.digest
-        hasher = _OrderedHasher()
+        sink = PieceSink(self.store, digest, functools.partial(self._stored, dl))
         try:
-            await self._fetch_pieces(dl, hasher, registry, name, headers)
-            actual = await hasher.digest()
+            await self._fetch_pieces(dl, sink, registry, name, headers)
+            actual = await sink.finish()
         finally:
-            hasher.close()
+            sink.close()
         if actual != bytes.fromhex(digest.hex):
             raise DigestMismatch(f"upstream bytes of {digest.short} hash to "
                                  f"sha256:{actual.hex()[:12]}")
@@ -211,7 +211,7 @@ class BlobService:
             dl.publish(layout.count - 1)
 
     async def _fetch_pieces(
-        self, dl: Download, hasher: _OrderedHasher, registry: str, name: str,
+        self, dl: Download, sink: PieceSink, registry: str, name: str,
         headers: list[tuple[str, str]],
     ) -> None:
         layout, digest = dl.layout, dl.digest
@@ -222,7 +222,7 @@ class BlobService:
             extra = [("Range", f"bytes={offset}-")] if offset else []
             try:
                 next_piece = await self._stream_pieces(
-                    dl, hasher, next_piece, registry, f"/v2/{name}/blobs/{digest}",
+                    dl, sink, next_piece, registry, f"/v2/{name}/blobs/{digest}",
                     headers + extra,
                 )
             except UpstreamError as exc:
@@ -234,7 +234,7 @@ class BlobService:
                 await trio.sleep(RETRY_DELAY * failures)
 
     async def _stream_pieces(
-        self, dl: Download, hasher: _OrderedHasher, index: int, registry: str, path: str,
+        self, dl: Download, sink: PieceSink, index: int, registry: str, path: str,
         headers: list[tuple[str, str]],
     ) -> int:
         """Read pieces from one upstream response starting at ``index``; return the next."""
@@ -244,16 +244,20 @@ class BlobService:
             expected = 206 if index else 200
             if response.status_code != expected:
                 raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
-            buf = bytearray()
+            chunks: list[bytes] = []
+            have = 0
             async for chunk in response.aiter_raw():
-                buf += chunk
-                while index < layout.count and len(buf) >= layout.length(index):
+                chunks.append(chunk)
+                have += len(chunk)
+                while index < layout.count and have >= layout.length(index):
+                    # One join per piece: the only copy the bytes take on the way in.
+                    joined = b"".join(chunks)
                     length = layout.length(index)
-                    piece = bytes(buf[:length])
-                    del buf[:length]
-                    await self._store_piece(dl, index, piece, hasher)
+                    rest = joined[length:]
+                    chunks, have = ([rest] if rest else []), len(rest)
+                    await sink.put(index, joined[:length] if rest else joined)
                     index += 1
-                if index == layout.count and buf:
+                if index == layout.count and have:
                     raise DigestMismatch(f"upstream sent more than {layout.size} bytes")
             if index < layout.count:
                 raise UpstreamError(f"upstream stream ended at piece {index}/{layout.count}")
@@ -263,15 +267,9 @@ class BlobService:
             await response.aclose()
         return index
 
-    async def _store_piece(
-        self, dl: Download, index: int, data: bytes, hasher: _OrderedHasher
-    ) -> None:
-        # The whole-blob hash runs on its own thread, in order, while this piece is
-        # written and hashed on another: the two hashes overlap instead of adding up.
-        await hasher.update(data)
-        dl.hashes[index] = await trio.to_thread.run_sync(
-            self.store.write_piece, dl.digest, index, data
-        )
+    def _stored(self, dl: Download, index: int, data: bytes, digest: bytes) -> None:
+        """A piece fetched from upstream is on disk: let readers have it."""
+        dl.hashes[index] = digest
         dl.bytes_by_source["upstream"] = dl.bytes_by_source.get("upstream", 0) + len(data)
         self.metrics.blob_bytes_fetched.labels("upstream").inc(len(data))
         dl.remember(index, data)
@@ -362,33 +360,6 @@ class BlobService:
         except FileNotFoundError as exc:
             await self.drop_corrupt(digest)
             raise CorruptPiece(f"piece {index} of {digest.short} is missing") from exc
-
-
-class _OrderedHasher:
-    """A sha256 fed on one background thread, in submission order, a bounded way ahead."""
-
-    MAX_QUEUED = 8
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pd-blobhash")
-        self._queued: collections.deque[concurrent.futures.Future[None]] = collections.deque()
-
-    async def update(self, data: bytes) -> None:
-        """Queue ``data``; wait only if the hash thread is far behind."""
-        self._queued.append(self._executor.submit(self._hash.update, data))
-        while len(self._queued) > self.MAX_QUEUED:
-            await trio.to_thread.run_sync(self._queued.popleft().result)
-
-    async def digest(self) -> bytes:
-        """Wait for every queued update; return the hash."""
-        while self._queued:
-            await trio.to_thread.run_sync(self._queued.popleft().result)
-        return self._hash.digest()
-
-    def close(self) -> None:
-        """Stop the hash thread (pending updates are dropped)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _matches(data: bytes, expected: bytes) -> bool:

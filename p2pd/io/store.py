@@ -152,11 +152,25 @@ class DiskStore:
         os.replace(tmp, path)
 
     def write_piece(self, digest: Digest, index: int, data: bytes) -> bytes:
-        """Store piece ``index`` of a blob being downloaded; return its sha256."""
+        """Store piece ``index`` of a blob being downloaded; return its sha256.
+
+        The file is trusted from here on (see :meth:`trusted_region`): these are the
+        bytes just hashed, and ``fstat`` of the new file records its identity. On
+        filesystems with multigrain timestamps (ext4, xfs, btrfs, tmpfs on Linux ≥ 6.13)
+        that ``fstat`` makes any later write change the ctime.
+        """
         directory = self.blob_dir(digest)
         directory.mkdir(exist_ok=True)
-        self._atomic_write(directory / str(index), data)
-        return hashlib.sha256(data).digest()
+        piece_hash = hashlib.sha256(data).digest()
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.replace(tmp, directory / str(index))
+            st = os.fstat(f.fileno())  # after the rename, which sets the ctime too
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self._trusted.setdefault(digest, {})[index] = key
+        return piece_hash
 
     def commit(self, table: PieceTable) -> None:
         """Mark a blob complete; call only after the whole blob matched its digest."""

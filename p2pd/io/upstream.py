@@ -11,6 +11,7 @@ import logging
 import ssl
 from collections.abc import Iterable
 
+import httpcore
 import httpx
 
 from p2pd.config import DaemonConfig, RegistryConfig
@@ -20,6 +21,9 @@ from p2pd.io.metrics import Metrics
 log = logging.getLogger(__name__)
 
 USER_AGENT = "p2pd/0.1"
+# httpcore reads 64 KiB per receive. Blob bodies run to hundreds of MB, and every read
+# costs a trip through httpcore's and h11's Python layers, so read 1 MiB at a time.
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 # Client headers that are passed on upstream; the rest (Host, Range, Connection, ...)
 # belong to the client's hop.
 FORWARDED = ("authorization", "accept", "user-agent")

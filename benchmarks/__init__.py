@@ -1,0 +1,1 @@
+"""Benchmarks for p2pd, run as modules: ``python -m benchmarks.bench_mirror``."""
