@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_ATTEMPTS = 4
 RETRY_DELAY = 0.5
-RECENT_BYTES = 8 << 20
+RECENT_BYTES = 4 << 20
 
 
 class DownloadFailed(P2PError):

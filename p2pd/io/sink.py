@@ -19,7 +19,7 @@ import trio
 from p2pd.core.digest import Digest
 from p2pd.io.store import DiskStore
 
-MAX_QUEUED = 4
+MAX_QUEUED = 3
 
 
 class PieceSink:
