@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import socket
 import subprocess
 import time
@@ -37,6 +38,7 @@ def wait_http(
     timeout: float = 20.0,
     ok: Collection[int] = (200, 401),
     proc: Proc | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> None:
     """Poll ``url`` with GET until it answers with a status in ``ok``.
 
@@ -45,7 +47,7 @@ def wait_http(
     """
     deadline = time.monotonic() + timeout
     last = "no attempt made"
-    with httpx.Client(timeout=2.0, trust_env=False) as client:
+    with httpx.Client(timeout=2.0, trust_env=False, verify=verify) as client:
         while True:
             if proc is not None and not proc.alive:
                 raise RuntimeError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import subprocess
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +35,32 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value)
 
 
-def registry_config(root: Path, addr: str, htpasswd_file: Path | None = None) -> str:
+def make_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for ``127.0.0.1`` signed by it (openssl).
+
+    Returns ``(ca_cert, cert, key)``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = directory / "ca.key", directory / "ca.pem"
+    key, csr, cert = directory / "tls.key", directory / "tls.csr", directory / "tls.pem"
+    ext = directory / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+         str(ca), "-days", "2", "-subj", "/CN=p2pd lab CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+         "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext)],
+    ):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def registry_config(
+    root: Path, addr: str, htpasswd_file: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> str:
     """Render a docker-registry configuration YAML document."""
     lines = [
         "version: 0.1",
@@ -55,6 +81,12 @@ def registry_config(root: Path, addr: str, htpasswd_file: Path | None = None) ->
         "  headers:",
         "    X-Content-Type-Options: [nosniff]",
     ]
+    if tls is not None:
+        lines += [
+            "  tls:",
+            f"    certificate: {_yaml_str(str(tls[0]))}",
+            f"    key: {_yaml_str(str(tls[1]))}",
+        ]
     if htpasswd_file is not None:
         lines += [
             "auth:",
@@ -78,8 +110,10 @@ class Registry:
         port: int,
         proc: Proc,
         creds: tuple[str, str] | None,
+        ca_file: Path | None = None,
     ):
         """Wrap an already started registry; prefer :meth:`start`."""
+        self.ca_file = ca_file
         self.workdir = workdir
         self.root = root
         self.port = port
@@ -94,10 +128,12 @@ class Registry:
         htpasswd: tuple[str, str] | None = None,
         port: int | None = None,
         timeout: float = 20.0,
+        tls: bool = False,
     ) -> Registry:
         """Write a config into ``workdir`` and start ``docker-registry serve``.
 
         ``htpasswd`` is ``(user, password)``; when given the registry requires basic auth.
+        ``tls`` serves HTTPS with a certificate from a throwaway CA (``.ca_file``).
         Blocks until ``/v2/`` answers 200 or 401.
         """
         workdir.mkdir(parents=True, exist_ok=True)
@@ -108,16 +144,24 @@ class Registry:
         auth_file = None
         if htpasswd is not None:
             auth_file = make_htpasswd(workdir / "htpasswd", *htpasswd)
+        ca_file = None
+        tls_files = None
+        if tls:
+            ca_file, cert, key = make_tls(workdir / "tls")
+            tls_files = (cert, key)
         config = workdir / "config.yml"
-        config.write_text(registry_config(root, addr, auth_file))
+        config.write_text(registry_config(root, addr, auth_file, tls_files))
         proc = Proc.start([REGISTRY_BIN, "serve", str(config)], workdir / "registry.log")
+        scheme = "https" if tls else "http"
         try:
-            wait_http(f"http://{addr}/v2/", timeout=timeout, proc=proc)
+            wait_http(f"{scheme}://{addr}/v2/", timeout=timeout, proc=proc,
+                      verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file
+                      else True)
         except BaseException:
             proc.stop()
             raise
         log.info("docker-registry up at %s (root %s)", addr, root)
-        return cls(workdir, root, port, proc, htpasswd)
+        return cls(workdir, root, port, proc, htpasswd, ca_file)
 
     @property
     def host(self) -> str:
@@ -126,8 +170,8 @@ class Registry:
 
     @property
     def url(self) -> str:
-        """Base URL, ``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}"
+        """Base URL, ``http(s)://127.0.0.1:PORT``."""
+        return f"{'https' if self.ca_file else 'http'}://{self.host}"
 
     def blob_path(self, digest: str) -> Path:
         """Where the registry keeps the blob ``digest`` (``sha256:<hex>``) on disk."""
