@@ -6,8 +6,8 @@ import logging
 import os
 import shutil
 import signal
-import ssl
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Collection, Mapping, Sequence
