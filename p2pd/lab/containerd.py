@@ -10,10 +10,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from p2pd.lab.procs import Proc
+from p2pd.lab.procs import Proc, StopOnExit
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ def containerd_config(
     )
 
 
-class Containerd:
+class Containerd(StopOnExit):
     """A running containerd with its own root/state dirs and gRPC socket.
 
     Create with :meth:`Containerd.start`; use as a context manager or call :meth:`stop`.
@@ -333,17 +331,6 @@ class Containerd:
         self.proc.stop()
         if self._sock_dir is not None:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<Containerd {self.sock} snapshotter={self.snapshotter}>"

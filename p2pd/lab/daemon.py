@@ -6,18 +6,16 @@ import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from p2pd.lab.procs import Proc, free_port, wait_http
+from p2pd.lab.procs import Proc, StopOnExit, free_port, wait_http
 
 log = logging.getLogger(__name__)
 
 
-class P2pd:
+class P2pd(StopOnExit):
     """One ``p2pd run`` process with its own cache directory and mirror port."""
 
     def __init__(self, workdir: Path, port: int, proc: Proc, args: list[str]) -> None:
@@ -111,13 +109,3 @@ class P2pd:
         """SIGKILL the daemon."""
         self.proc.kill()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -69,7 +69,26 @@ def wait_http(
             time.sleep(0.05)
 
 
-class Proc:
+class StopOnExit:
+    """Context-manager support for lab components: leaving the block calls ``stop()``."""
+
+    def stop(self) -> object:
+        """Stop the component."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Proc(StopOnExit):
     """A subprocess in its own session, with stdout and stderr going to a log file.
 
     Use :meth:`start` to create one. ``stop`` and ``kill`` signal the whole process
@@ -174,17 +193,6 @@ class Proc:
     def log_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of the log."""
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else f"exited {self.returncode}"

@@ -6,8 +6,8 @@ import logging
 import socket
 import threading
 import time
-from types import TracebackType
-from typing import Self
+
+from p2pd.lab.procs import StopOnExit
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class _Conn:
         self.upstream.close()
 
 
-class TcpProxy:
+class TcpProxy(StopOnExit):
     """Forward TCP connections from ``127.0.0.1:<free port>`` to ``target``.
 
     Counts bytes in both directions and optionally caps the target-to-client
@@ -282,6 +282,10 @@ class TcpProxy:
             if finished:
                 conn.close()
 
+    def stop(self) -> None:
+        """Same as :meth:`close`."""
+        self.close()
+
     def close(self) -> None:
         """Stop accepting, abort every live connection and wait for the threads."""
         with self._lock:
@@ -303,16 +307,6 @@ class TcpProxy:
             t.join(timeout=5)
         log.debug("TcpProxy %s closed", self.address)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<TcpProxy {self.address} -> {self.target[0]}:{self.target[1]}>"

@@ -7,10 +7,8 @@ import logging
 import ssl
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from p2pd.lab.procs import Proc, free_port, wait_http
+from p2pd.lab.procs import Proc, StopOnExit, free_port, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +95,7 @@ def registry_config(
     return "\n".join(lines) + "\n"
 
 
-class Registry:
+class Registry(StopOnExit):
     """A running docker-registry serving plain HTTP on ``127.0.0.1``.
 
     Create with :meth:`Registry.start`; use as a context manager or call :meth:`stop`.
@@ -191,17 +189,6 @@ class Registry:
     def stop(self) -> None:
         """Stop the registry process."""
         self.proc.stop()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<Registry {self.url} root={self.root}>"
