@@ -56,8 +56,9 @@ class P2pd(StopOnExit):
         ]
         for host, url in registries.items():
             args += ["--registry", f"{host}={url}"]
-        if default_registry:
-            args += ["--default-registry", default_registry]
+        # Never let a lab daemon reach for docker.io: requests without ns= go to a
+        # loopback port where nothing listens unless the caller names a registry.
+        args += ["--default-registry", default_registry or "127.0.0.1:9"]
         args += list(extra)
         proc = Proc.start(args, workdir / f"p2pd-{port}.log")
         daemon = cls(workdir, port, proc, args)
