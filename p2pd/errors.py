@@ -89,3 +89,28 @@ class UpstreamError(P2PError):
 
 class ConfigError(P2PError):
     """The configuration (flags, file or environment) is invalid."""
+
+
+class ProtocolError(P2PError):
+    """The peer wire protocol was broken (the split follows h11).
+
+    ``code`` is the machine-readable code to put in the ``ERROR`` message that tells the
+    other side why the connection ends (``protocol-error``, ``unsupported-version``,
+    ``auth-failed``, ...).
+    """
+
+    code = "protocol-error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids; the connection is unusable."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send or build something the protocol forbids (a bug on our side)."""
