@@ -1,0 +1,209 @@
+"""How peers are judged: who is slow (per-blob requests) and who is bad (across blobs).
+
+How it works. :class:`InFlight` is one download's book of requests to peers: who was
+asked for which piece, and since when. Timeouts are progress-based: a request expires
+``timeout`` after it was sent or last made progress (:meth:`InFlight.progress`), so a
+slow but steady peer is never cut off. A peer's *allowance* — how many requests it may
+have in flight — starts at ``max_per_peer``, halves on each timeout and grows back by one
+per piece it delivers, so a stalling peer is soon asked for one piece at a time.
+
+:class:`PeerScores` lives as long as the daemon and is shared by the schedulers of all
+blobs. A scheduler records an *offence* when a peer served a piece that failed its
+sha256 check, at most one per peer per blob (the scheduler stops asking that peer for
+the blob at the first bad piece). A peer with ``ban_after`` offences is *banned*: no
+scheduler asks it for anything any more. Timeouts are counted for statistics only: a
+slow peer is not a dishonest one. Every ban bumps :attr:`PeerScores.version`, so a
+scheduler notices bans made elsewhere with one integer comparison.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+PeerId = str
+"""A peer's node id (``[A-Za-z0-9][A-Za-z0-9._-]*``, as on the wire)."""
+
+
+class _Request:
+    __slots__ = ("alive", "last")
+
+    def __init__(self, now: float) -> None:
+        self.last, self.alive = now, True
+
+
+class InFlight:
+    """The requests of one download awaiting an answer, with timeouts and allowances."""
+
+    def __init__(self, *, max_per_peer: int, timeout: float) -> None:
+        if max_per_peer < 1 or timeout <= 0:
+            raise ValueError("max_per_peer must be at least 1 and timeout positive")
+        self.max_per_peer, self.timeout = max_per_peer, timeout
+        self._by_peer: dict[PeerId, dict[int, _Request]] = {}
+        self._by_piece: dict[int, list[PeerId]] = {}  # lists: deterministic order
+        self._allowance: dict[PeerId, int] = {}  # absent: max_per_peer
+        self._timers: list[tuple[float, int, PeerId, int, _Request]] = []
+        self._seq = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, index: object) -> bool:
+        """Whether piece ``index`` is asked from some peer."""
+        return index in self._by_piece
+
+    def add(self, peer_id: PeerId, index: int, now: float) -> None:
+        """Record that ``peer_id`` was asked for ``index`` at ``now``."""
+        request = _Request(now)
+        self._by_peer.setdefault(peer_id, {})[index] = request
+        self._by_piece.setdefault(index, []).append(peer_id)
+        self._push(now + self.timeout, peer_id, index, request)
+        self._count += 1
+
+    def remove(self, peer_id: PeerId, index: int) -> bool:
+        """Forget the request for ``index`` from ``peer_id``; whether there was one."""
+        requests = self._by_peer.get(peer_id)
+        request = None if requests is None else requests.pop(index, None)
+        if request is None:
+            return False
+        request.alive = False
+        askers = self._by_piece[index]
+        askers.remove(peer_id)
+        if not askers:
+            del self._by_piece[index]
+        self._count -= 1
+        return True
+
+    def forget(self, peer_id: PeerId) -> list[int]:
+        """Drop every request to ``peer_id`` and its allowance; the pieces it was asked for."""
+        indices = list(self._by_peer.get(peer_id, ()))
+        for index in indices:
+            self.remove(peer_id, index)
+        self._by_peer.pop(peer_id, None)
+        self._allowance.pop(peer_id, None)
+        return indices
+
+    def askers(self, index: int) -> tuple[PeerId, ...]:
+        """The peers asked for ``index``, in the order they were asked."""
+        return tuple(self._by_piece.get(index, ()))
+
+    def asked(self, peer_id: PeerId, index: int) -> bool:
+        """Whether ``peer_id`` is asked for ``index``."""
+        return index in self._by_peer.get(peer_id, ())
+
+    def pending_of(self, peer_id: PeerId) -> int:
+        """How many requests ``peer_id`` has in flight."""
+        return len(self._by_peer.get(peer_id, ()))
+
+    def free(self, peer_id: PeerId) -> int:
+        """How many more requests ``peer_id`` may be sent now (0 or more)."""
+        allowance = self._allowance.get(peer_id, self.max_per_peer)
+        return max(0, allowance - len(self._by_peer.get(peer_id, ())))
+
+    def delivered(self, peer_id: PeerId) -> None:
+        """``peer_id`` delivered a requested piece: its allowance grows by one."""
+        allowance = self._allowance.get(peer_id, self.max_per_peer) + 1
+        if allowance >= self.max_per_peer:
+            self._allowance.pop(peer_id, None)
+        else:
+            self._allowance[peer_id] = allowance
+
+    def progress(self, peer_id: PeerId, index: int, now: float) -> None:
+        """Bytes of ``index`` are arriving from ``peer_id``: restart its timeout."""
+        request = self._by_peer.get(peer_id, {}).get(index)
+        if request is not None:
+            request.last = now
+
+    def expire(self, now: float) -> list[tuple[PeerId, int]]:
+        """Remove and return the requests without progress for ``timeout`` (halving the
+        allowance of their peers), in order of expiry."""
+        expired = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, peer_id, index, request = heapq.heappop(timers)
+            if not request.alive:
+                continue
+            if request.last + self.timeout > now:  # progress was made: wait again
+                self._push(request.last + self.timeout, peer_id, index, request)
+                continue
+            self.remove(peer_id, index)
+            allowance = self._allowance.get(peer_id, self.max_per_peer)
+            self._allowance[peer_id] = max(1, allowance // 2)
+            expired.append((peer_id, index))
+        return expired
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`expire` may next have something to do."""
+        timers = self._timers
+        while timers and not timers[0][4].alive:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def _push(self, deadline: float, peer_id: PeerId, index: int, request: _Request) -> None:
+        self._seq += 1  # unique: ties never compare the request objects
+        heapq.heappush(self._timers, (deadline, self._seq, peer_id, index, request))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerScoreStatistics:
+    """A snapshot of the peer scores."""
+
+    peers: int
+    """Peers with at least one offence or timeout on record."""
+    offences: int
+    timeouts: int
+    banned: tuple[PeerId, ...]
+    """Banned peers, in the order they were banned."""
+
+
+class PeerScores:
+    """Offences and timeouts per peer across blobs; a peer is banned at ``ban_after`` offences."""
+
+    def __init__(self, *, ban_after: int = 3) -> None:
+        if ban_after < 1:
+            raise ValueError("ban_after must be at least 1")
+        self.ban_after = ban_after
+        self.version = 0
+        """Bumped on every new ban."""
+        self._offences: dict[PeerId, int] = {}
+        self._timeouts: dict[PeerId, int] = {}
+        self._banned: dict[PeerId, None] = {}
+
+    def record_offence(self, peer_id: PeerId) -> bool:
+        """Count one offence (a blob it served a bad piece of); return whether it is banned."""
+        count = self._offences.get(peer_id, 0) + 1
+        self._offences[peer_id] = count
+        if count >= self.ban_after and peer_id not in self._banned:
+            self._banned[peer_id] = None
+            self.version += 1
+        return peer_id in self._banned
+
+    def record_timeout(self, peer_id: PeerId) -> None:
+        """Count one request that ``peer_id`` let time out (never leads to a ban)."""
+        self._timeouts[peer_id] = self._timeouts.get(peer_id, 0) + 1
+
+    def offences(self, peer_id: PeerId) -> int:
+        """How many offences ``peer_id`` has on record."""
+        return self._offences.get(peer_id, 0)
+
+    def timeouts(self, peer_id: PeerId) -> int:
+        """How many requests ``peer_id`` let time out."""
+        return self._timeouts.get(peer_id, 0)
+
+    def is_banned(self, peer_id: PeerId) -> bool:
+        """Whether ``peer_id`` reached ``ban_after`` offences."""
+        return peer_id in self._banned
+
+    def banned(self) -> tuple[PeerId, ...]:
+        """The banned peers, in the order they were banned."""
+        return tuple(self._banned)
+
+    def statistics(self) -> PeerScoreStatistics:
+        """The current scores."""
+        return PeerScoreStatistics(
+            peers=len(self._offences.keys() | self._timeouts.keys()),
+            offences=sum(self._offences.values()),
+            timeouts=sum(self._timeouts.values()),
+            banned=self.banned(),
+        )

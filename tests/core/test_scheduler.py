@@ -1,0 +1,629 @@
+"""The piece scheduler: rarest first, limits, timeouts, blame, endgame, upstream policy."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from p2pd.core.peerscore import InFlight, PeerScores
+from p2pd.core.pieces import PieceLayout
+from p2pd.core.scheduler import (
+    Action,
+    CancelRequest,
+    FetchUpstream,
+    RequestPiece,
+    Scheduler,
+)
+
+
+def make(count: int, seed: int = 0, **options: object) -> Scheduler:
+    """A scheduler for a blob of ``count`` one-byte pieces."""
+    return Scheduler(PieceLayout(count, 1), rng=random.Random(seed), **options)  # type: ignore[arg-type]
+
+
+def requested(actions: list[Action], peer: str | None = None) -> list[int]:
+    return [a.index for a in actions if isinstance(a, RequestPiece) and peer in (None, a.peer_id)]
+
+
+def upstream(actions: list[Action]) -> list[int]:
+    return [i for a in actions if isinstance(a, FetchUpstream) for i in a.indices]
+
+
+# -- piece choice ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_rarest_pieces_are_requested_first(first: str) -> None:
+    sched = make(10, max_in_flight_per_peer=5)
+    holdings = {"a": range(10), "b": range(5)}
+    for peer in (first, "b" if first == "a" else "a"):
+        sched.peer_update(peer, holdings[peer], False, 0.0)
+    actions = sched.next_actions(0.0)
+    assert sorted(requested(actions, "a")) == [5, 6, 7, 8, 9]  # only a has them
+    assert sorted(requested(actions, "b")) == [0, 1, 2, 3, 4]
+
+
+def test_rarity_beats_the_streaming_window() -> None:
+    sched = make(20, max_in_flight_per_peer=1)
+    sched.peer_update("a", range(20), True, 0.0)
+    sched.peer_update("b", range(20), True, 0.0)
+    sched.peer_update("c", range(10), False, 0.0)  # the front is the common part
+    sched.peer_update("d", range(10), False, 0.0)
+    actions = sched.next_actions(0.0)
+    assert all(index >= 10 for index in requested(actions, "a") + requested(actions, "b"))
+    assert requested(actions, "c") + requested(actions, "d") == [0, 1]  # window among equals
+
+
+def test_equally_rare_pieces_go_front_first_when_two_peers_hold_them() -> None:
+    sched = make(40, seed=7)
+    sched.peer_update("a", range(40), True, 0.0)
+    sched.peer_update("b", range(40), True, 0.0)
+    assert requested(sched.next_actions(0.0)) == list(range(8))
+
+
+def test_a_single_source_is_asked_in_each_nodes_own_random_order() -> None:
+    firsts = set()
+    for seed in range(20):
+        sched = make(100, seed=seed)
+        sched.peer_update("seed", range(100), True, 0.0)
+        firsts.add(tuple(requested(sched.next_actions(0.0))))
+    assert len(firsts) == 20  # no herding on the front pieces
+    assert (0, 1, 2, 3) not in firsts
+
+
+def test_without_a_window_ties_follow_the_random_order() -> None:
+    orders = set()
+    for seed in range(10):
+        sched = make(50, seed=seed, sequential_window=0)
+        sched.peer_update("a", range(50), True, 0.0)
+        sched.peer_update("b", range(50), True, 0.0)
+        orders.add(tuple(requested(sched.next_actions(0.0))))
+    assert len(orders) == 10
+
+
+def test_never_more_than_the_allowance_per_peer_and_never_a_piece_twice() -> None:
+    sched = make(30, max_in_flight_per_peer=3)
+    sched.peer_update("a", range(30), True, 0.0)
+    sched.peer_update("b", range(0, 30, 2), False, 0.0)
+    actions = sched.next_actions(0.0)
+    assert len(requested(actions, "a")) == len(requested(actions, "b")) == 3
+    assert len(set(requested(actions))) == 6
+    assert sched.next_actions(0.0) == []
+
+
+# -- timeouts, refusals, blame ---------------------------------------------------------
+
+
+def test_a_stalled_request_is_reissued_to_another_peer_after_the_timeout() -> None:
+    sched = make(1, request_timeout=10.0, endgame_threshold=0)
+    sched.peer_update("a", [0], False, 0.0)
+    sched.peer_update("b", [0], False, 0.0)
+    [first] = sched.next_actions(0.0)
+    assert isinstance(first, RequestPiece)
+    other = "b" if first.peer_id == "a" else "a"
+    assert sched.next_deadline() == 10.0
+    sched.tick(9.99)
+    assert sched.next_actions(9.99) == []
+    sched.tick(10.0)
+    assert sched.next_actions(10.0) == [RequestPiece(other, 0)]
+    assert sched.known(first.peer_id) == frozenset()  # treated as not holding it any more
+    assert sched.statistics().timeouts == 1
+
+
+def test_progress_postpones_the_timeout() -> None:
+    sched = make(1, request_timeout=10.0, endgame_threshold=0)
+    sched.peer_update("a", [0], False, 0.0)
+    sched.peer_update("b", [0], False, 0.0)
+    [first] = sched.next_actions(0.0)
+    assert isinstance(first, RequestPiece)
+    sched.progress(first.peer_id, 0, 8.0)
+    sched.tick(10.0)
+    assert sched.next_actions(10.0) == []
+    sched.tick(17.5)
+    assert sched.next_actions(17.5) == []
+    sched.tick(18.0)
+    assert requested(sched.next_actions(18.0)) == [0]
+
+
+def test_timeouts_halve_a_peers_allowance_and_deliveries_restore_it() -> None:
+    sched = make(40, max_in_flight_per_peer=4, endgame_threshold=0)
+    sched.peer_update("a", range(40), True, 0.0)
+    assert len(requested(sched.next_actions(0.0))) == 4
+    sched.tick(10.0)  # all four expire: 4 -> 2 -> 1 -> 1 -> 1
+    sched.peer_update("a", range(40), True, 10.0)
+    [again] = requested(sched.next_actions(10.0))
+    sched.piece_received("a", again, True, 11.0)
+    assert len(requested(sched.next_actions(11.0))) == 2
+
+
+def test_a_refused_piece_is_asked_elsewhere_and_not_again_from_the_refuser() -> None:
+    sched = make(1, endgame_threshold=0)
+    sched.peer_update("a", [0], False, 0.0)
+    [first] = sched.next_actions(0.0)
+    assert first == RequestPiece("a", 0)
+    sched.refused("a", 0, 1.0)
+    assert sched.next_actions(1.0) == []
+    sched.peer_update("b", [0], False, 2.0)
+    assert sched.next_actions(2.0) == [RequestPiece("b", 0)]
+    assert sched.statistics().refusals == 1
+
+
+def test_a_bad_piece_blames_the_peer_and_is_asked_elsewhere() -> None:
+    scores = PeerScores()
+    sched = make(4, scores=scores, max_in_flight_per_peer=2, endgame_threshold=0)
+    sched.peer_update("bad", range(4), True, 0.0)
+    first = requested(sched.next_actions(0.0), "bad")
+    sched.peer_update("good", range(4), True, 0.0)
+    sched.piece_received("bad", first[0], False, 1.0)
+    actions = sched.next_actions(1.0)
+    assert CancelRequest("bad", first[1]) in actions
+    assert sorted(requested(actions, "good")) == sorted(first)
+    sched.peer_update("bad", range(4), True, 2.0)  # ignored from now on
+    assert "bad" not in {a.peer_id for a in sched.next_actions(2.0) if isinstance(a, RequestPiece)}
+    stats = sched.statistics()
+    assert (stats.bad_pieces, stats.blamed) == (1, ("bad",))
+    assert scores.offences("bad") == 1 and not scores.is_banned("bad")
+
+
+def test_a_peer_is_banned_after_offences_in_several_blobs() -> None:
+    scores = PeerScores(ban_after=2)
+    bystander = make(8, scores=scores, max_in_flight_per_peer=1)
+    bystander.peer_update("bad", range(8), True, 0.0)
+    [held_by_bad] = requested(bystander.next_actions(0.0))
+    for blob in range(2):
+        sched = make(8, seed=blob, scores=scores)
+        sched.peer_update("bad", range(8), True, 0.0)
+        index = requested(sched.next_actions(0.0))[0]
+        sched.piece_received("bad", index, False, 1.0)
+        sched.piece_received("bad", index, False, 1.0)  # one offence per blob
+    assert scores.offences("bad") == 2 and scores.banned() == ("bad",)
+    assert bystander.next_actions(2.0) == [CancelRequest("bad", held_by_bad)]
+    assert bystander.known("bad") == frozenset()
+    fresh = make(8, scores=scores)
+    fresh.peer_update("bad", range(8), True, 0.0)
+    assert fresh.next_actions(0.0) == []
+    assert fresh.wanted_upstream() == tuple(range(8))
+
+
+def test_a_lost_peers_requests_are_requeued() -> None:
+    sched = make(4, max_in_flight_per_peer=4, endgame_threshold=0)
+    sched.peer_update("a", range(4), True, 0.0)
+    assert len(requested(sched.next_actions(0.0))) == 4
+    sched.peer_update("b", range(4), True, 0.0)
+    sched.peer_gone("a", 1.0)
+    assert sorted(requested(sched.next_actions(1.0), "b")) == [0, 1, 2, 3]
+
+
+# -- endgame ---------------------------------------------------------------------------
+
+
+def test_endgame_duplicates_the_tail_and_cancels_the_losers() -> None:
+    sched = make(4, max_in_flight_per_peer=4, endgame_copies=2)
+    sched.peer_update("a", range(4), True, 0.0)
+    sched.peer_update("b", range(4), True, 0.0)
+    actions = sched.next_actions(0.0)
+    assert sorted(requested(actions, "a")) == sorted(requested(actions, "b")) == [0, 1, 2, 3]
+    assert sched.statistics().duplicates == 4 and sched.in_endgame
+    sched.piece_received("b", 2, True, 1.0)
+    assert sched.next_actions(1.0) == [CancelRequest("a", 2)]
+    sched.piece_received("a", 2, True, 1.5)  # arrived before the cancel did
+    assert sched.statistics().redundant == 1
+
+
+def test_endgame_copies_are_capped() -> None:
+    sched = make(2, max_in_flight_per_peer=2, endgame_copies=2)
+    for peer in "abcd":
+        sched.peer_update(peer, range(2), True, 0.0)
+    actions = sched.next_actions(0.0)
+    assert sorted(requested(actions)) == [0, 0, 1, 1]
+    assert sched.statistics().duplicates == 2
+
+
+def test_no_endgame_while_something_is_still_pending() -> None:
+    sched = make(4, max_in_flight_per_peer=1)
+    sched.peer_update("a", range(4), True, 0.0)
+    sched.peer_update("b", range(4), True, 0.0)
+    assert len(requested(sched.next_actions(0.0))) == 2
+    assert not sched.in_endgame and sched.statistics().duplicates == 0
+
+
+# -- upstream --------------------------------------------------------------------------
+
+
+def test_only_unheld_pieces_inside_the_lease_are_fetched_upstream() -> None:
+    sched = make(10)
+    sched.peer_update("a", [7, 8, 9], False, 0.0)
+    assert upstream(sched.next_actions(0.0)) == []  # no lease: wait for peers
+    assert sched.wanted_upstream() == (0, 1, 2, 3, 4, 5, 6)
+    sched.set_upstream_range(3, 9)
+    assert upstream(sched.next_actions(0.0)) == [3, 4, 5, 6]
+    sched.set_upstream_range(0, 10)  # a takeover widens the lease
+    assert upstream(sched.next_actions(0.0)) == [0, 1, 2]
+    assert sched.wanted_upstream() == ()
+
+
+def test_upstream_is_fetched_in_batches_topped_up_at_half() -> None:
+    sched = make(20, upstream_batch=8, upstream_range=range(20))
+    assert upstream(sched.next_actions(0.0)) == list(range(8))
+    for index in range(3):
+        sched.upstream_received(index, 1.0)
+    assert sched.next_actions(1.0) == []  # 5 of 8 still in flight
+    sched.upstream_received(3, 1.0)
+    assert upstream(sched.next_actions(1.0)) == [8, 9, 10, 11]
+
+
+def test_a_failed_upstream_piece_waits_before_the_retry() -> None:
+    sched = make(2, upstream_range=range(2), upstream_retry_delay=1.0)
+    assert upstream(sched.next_actions(0.0)) == [0, 1]
+    sched.upstream_failed(1, 5.0)
+    assert sched.next_actions(5.0) == []
+    assert sched.next_deadline() == 6.0
+    sched.tick(6.0)
+    assert upstream(sched.next_actions(6.0)) == [1]
+
+
+def test_a_piece_whose_only_holder_left_becomes_an_upstream_candidate() -> None:
+    sched = make(3, upstream_range=range(3))
+    sched.peer_update("a", range(3), True, 0.0)
+    assert len(requested(sched.next_actions(0.0))) == 3
+    sched.peer_gone("a", 1.0)
+    assert upstream(sched.next_actions(1.0)) == [0, 1, 2]
+
+
+# -- whole downloads -------------------------------------------------------------------
+
+
+def drive(seed: int, count: int = 60) -> tuple[list[Action], Scheduler]:
+    """Download a blob from honest, bad, refusing and vanishing peers plus upstream."""
+    chaos = random.Random(seed)
+    sched = make(count, seed=seed, upstream_range=range(count // 2))
+    peers = [f"p{i}" for i in range(8)]
+    for peer in peers:
+        holds = [i for i in range(count) if chaos.random() < 0.4]
+        sched.peer_update(peer, holds, False, 0.0)
+    log: list[Action] = []
+    now = 0.0
+    while not sched.done and now < 1000:
+        actions = sched.next_actions(now)
+        log.extend(actions)
+        for action in actions:
+            if isinstance(action, FetchUpstream):
+                for index in action.indices:
+                    sched.upstream_received(index, now)
+            elif isinstance(action, RequestPiece):
+                roll = chaos.random()
+                if roll < 0.05:
+                    sched.piece_received(action.peer_id, action.index, False, now)
+                elif roll < 0.1:
+                    sched.refused(action.peer_id, action.index, now)
+                elif roll < 0.15:
+                    continue  # stalls until the timeout
+                else:
+                    sched.piece_received(action.peer_id, action.index, True, now)
+        if chaos.random() < 0.05:
+            sched.peer_gone(chaos.choice(peers), now)
+        if chaos.random() < 0.2:
+            peer = chaos.choice(peers)
+            sched.peer_update(peer, [i for i in range(count) if chaos.random() < 0.5], False, now)
+        now += 1.0
+        sched.tick(now)
+    return log, sched
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_download_completes_from_peers_and_upstream(seed: int) -> None:
+    _, sched = drive(seed)
+    stats = sched.statistics()
+    assert sched.done and sched.contiguous == 60 and stats.held == 60
+    assert stats.pieces_from_peers + stats.pieces_from_upstream == 60
+    assert stats.bytes_from_peers + stats.bytes_from_upstream == 60
+    assert stats.pieces_from_peers > 0
+
+
+def test_same_seed_and_events_give_the_same_actions() -> None:
+    assert drive(3)[0] == drive(3)[0]
+    assert drive(3)[0] != drive(4)[0]
+
+
+def test_pieces_already_held_are_never_requested() -> None:
+    sched = make(10, have=range(0, 10, 2))
+    sched.peer_update("a", range(10), True, 0.0)
+    sched.peer_update("b", range(10), True, 0.0)
+    assert set(requested(sched.next_actions(0.0))) == {1, 3, 5, 7, 9}  # endgame: twice
+    assert sched.contiguous == 1
+
+
+def test_an_empty_blob_is_done_at_once() -> None:
+    sched = make(0, upstream_range=range(0))
+    assert sched.done and sched.next_actions(0.0) == [] and sched.next_deadline() is None
+
+
+def test_a_full_download_of_500_pieces_from_50_peers_is_quick() -> None:
+    """Not timed: finishing here in a plain loop shows no per-event work is quadratic."""
+    count, rng = 500, random.Random(1)
+    sched = make(count, seed=1, upstream_range=range(count))
+    for peer in range(50):
+        if peer < 5:
+            sched.peer_update(f"n{peer}", range(count), True, 0.0)
+        else:
+            holds = [i for i in range(count) if rng.random() < 0.3]
+            sched.peer_update(f"n{peer}", holds, False, 0.0)
+    queue: deque[Action] = deque(sched.next_actions(0.0))
+    now, steps = 0.0, 0
+    while queue:
+        action = queue.popleft()
+        now += 0.001
+        if isinstance(action, RequestPiece):
+            sched.piece_received(action.peer_id, action.index, True, now)
+            sched.peer_has(f"n{rng.randrange(5, 50)}", [action.index], now)
+        elif isinstance(action, FetchUpstream):
+            for index in action.indices:
+                sched.upstream_received(index, now)
+        queue.extend(sched.next_actions(now))
+        steps += 1
+    assert sched.done and steps < 2 * count
+
+
+# -- InFlight and PeerScores -----------------------------------------------------------
+
+
+def test_in_flight_book() -> None:
+    book = InFlight(max_per_peer=2, timeout=5.0)
+    book.add("a", 1, 0.0)
+    book.add("b", 1, 0.0)
+    assert 1 in book and len(book) == 2 and book.askers(1) == ("a", "b")
+    assert book.free("a") == 1 and book.asked("a", 1) and not book.asked("a", 2)
+    book.progress("b", 1, 3.0)
+    assert book.expire(5.0) == [("a", 1)] and book.free("a") == 1
+    assert book.next_deadline() == 8.0
+    assert book.forget("b") == [1] and len(book) == 0 and book.next_deadline() is None
+    with pytest.raises(ValueError):
+        InFlight(max_per_peer=0, timeout=1.0)
+
+
+def test_peer_scores() -> None:
+    scores = PeerScores(ban_after=2)
+    scores.record_timeout("x")
+    assert not scores.record_offence("x") and scores.version == 0
+    assert scores.record_offence("x") and scores.version == 1
+    assert scores.record_offence("x") and scores.version == 1
+    stats = scores.statistics()
+    assert (stats.peers, stats.offences, stats.timeouts, stats.banned) == (1, 3, 1, ("x",))
+    with pytest.raises(ValueError):
+        PeerScores(ban_after=0)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(IndexError):
+        make(4).peer_update("a", [4], False, 0.0)
+    with pytest.raises(IndexError):
+        make(4).piece_received("a", -1, True, 0.0)
+    with pytest.raises(ValueError):
+        make(4).set_upstream_range(2, 5)
+    with pytest.raises(ValueError):
+        make(4, max_in_flight_per_peer=0)
+
+
+# -- the rule-based state machine ------------------------------------------------------
+
+N = 12
+PEERS = ("a", "b", "c", "d")
+MAX = 2
+TIMEOUT = 5.0
+BATCH = 4
+RETRY = 1.0
+COPIES = 2
+
+peers = st.sampled_from(PEERS)
+pieces = st.integers(0, N - 1)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random events against a model of what the scheduler may and must do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.known: dict[str, set[int]] = {}  # live, unblamed peers
+        self.blamed: set[str] = set()
+        self.banned: set[str] = set()  # blamed here or in another blob
+        self.allowance: dict[str, int] = {}
+        self.held: set[int] = set()
+        self.asked: dict[tuple[str, int], float] = {}  # -> last progress
+        self.up: set[int] = set()
+        self.hold: dict[int, float] = {}
+        self.lease = (0, 0)
+
+    @initialize(
+        seed=st.integers(0, 2**32), have=st.sets(pieces, max_size=3),
+        threshold=st.sampled_from([0, 3]),
+    )
+    def start(self, seed: int, have: set[int], threshold: int) -> None:
+        self.scores = PeerScores(ban_after=1)  # shared with the downloads of other blobs
+        self.sched = make(
+            N, seed=seed, have=have, max_in_flight_per_peer=MAX, request_timeout=TIMEOUT,
+            endgame_threshold=threshold, upstream_batch=BATCH, upstream_retry_delay=RETRY,
+            endgame_copies=COPIES, scores=self.scores,
+        )
+        self.held = set(have)
+        self.threshold = threshold
+
+    # -- events ----------------------------------------------------------------------
+
+    def _drop_requests(self, keep: Callable[[tuple[str, int]], bool]) -> None:
+        self.asked = {k: v for k, v in self.asked.items() if keep(k)}
+
+    @rule(peer=peers, holds=st.sets(pieces, max_size=6), complete=st.booleans())
+    def update(self, peer: str, holds: set[int], complete: bool) -> None:
+        self.sched.peer_update(peer, holds, complete, self.now)
+        if peer not in self.banned:
+            self.known[peer] = set(range(N)) if complete else set(holds)
+            self.allowance.setdefault(peer, MAX)
+
+    @rule(peer=peers, holds=st.sets(pieces, max_size=3))
+    def have(self, peer: str, holds: set[int]) -> None:
+        self.sched.peer_has(peer, holds, self.now)
+        if peer not in self.banned:
+            self.known.setdefault(peer, set()).update(holds)
+            self.allowance.setdefault(peer, MAX)
+
+    @rule(peer=peers)
+    def gone(self, peer: str) -> None:
+        self.sched.peer_gone(peer, self.now)
+        self.known.pop(peer, None)
+        self.allowance.pop(peer, None)
+        self._drop_requests(lambda k: k[0] != peer)
+
+    @rule(data=st.data(), ok=st.booleans(), late=st.booleans())
+    def receive(self, data: st.DataObject, ok: bool, late: bool) -> None:
+        if self.asked and not late:
+            peer, index = data.draw(st.sampled_from(sorted(self.asked)))
+        else:
+            peer, index = data.draw(peers), data.draw(pieces)
+        self.sched.piece_received(peer, index, ok, self.now)
+        if self.asked.pop((peer, index), None) is not None and ok and peer in self.known:
+            self.allowance[peer] = min(MAX, self.allowance[peer] + 1)
+        if ok:
+            self.held.add(index)
+            self._drop_requests(lambda k: k[1] != index)
+        elif peer not in self.blamed:
+            self.blamed.add(peer)
+            self.banned.add(peer)
+            self.known.pop(peer, None)
+            self._drop_requests(lambda k: k[0] != peer)
+
+    @rule(peer=peers)
+    def banned_elsewhere(self, peer: str) -> None:
+        self.scores.record_offence(peer)
+        self.banned.add(peer)
+        self.known.pop(peer, None)
+        self._drop_requests(lambda k: k[0] != peer)
+        self.step()  # the scheduler notices the ban when asked what to do
+
+    @rule(data=st.data())
+    def refuse(self, data: st.DataObject) -> None:
+        if self.asked and data.draw(st.booleans()):
+            peer, index = data.draw(st.sampled_from(sorted(self.asked)))
+        else:
+            peer, index = data.draw(peers), data.draw(pieces)
+        self.sched.refused(peer, index, self.now)
+        if peer in self.known:
+            self.known[peer].discard(index)
+            self.asked.pop((peer, index), None)
+
+    @precondition(lambda self: bool(self.asked))
+    @rule(data=st.data())
+    def progress(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.asked)))
+        self.sched.progress(*key, self.now)
+        self.asked[key] = self.now
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 2.5, 5.0, 10.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        self.sched.tick(self.now)
+        for (peer, index), last in sorted(self.asked.items()):
+            if last + TIMEOUT <= self.now:
+                del self.asked[(peer, index)]
+                self.known[peer].discard(index)
+                self.allowance[peer] = max(1, self.allowance[peer] // 2)
+        self.hold = {i: t for i, t in self.hold.items() if t > self.now}
+
+    @precondition(lambda self: bool(self.up))
+    @rule(data=st.data(), ok=st.booleans())
+    def upstream_result(self, data: st.DataObject, ok: bool) -> None:
+        index = data.draw(st.sampled_from(sorted(self.up)))
+        self.up.discard(index)
+        if ok:
+            self.sched.upstream_received(index, self.now)
+            self.held.add(index)
+            self._drop_requests(lambda k: k[1] != index)
+        else:
+            self.sched.upstream_failed(index, self.now)
+            if index not in self.held:
+                self.hold[index] = self.now + RETRY
+
+    @rule(start=st.integers(0, N), length=st.integers(0, N))
+    def lease(self, start: int, length: int) -> None:
+        self.lease = (start, min(N, start + length))
+        self.sched.set_upstream_range(*self.lease)
+
+    # -- the actions -----------------------------------------------------------------
+
+    def holders(self, index: int) -> list[str]:
+        return [p for p, held in self.known.items() if index in held]
+
+    def pending(self, index: int) -> bool:
+        return (
+            index not in self.held
+            and index not in self.up
+            and all(i != index for _, i in self.asked)
+        )
+
+    @rule()
+    def step(self) -> None:
+        for action in self.sched.next_actions(self.now):
+            if isinstance(action, RequestPiece):
+                peer, index = action.peer_id, action.index
+                assert peer not in self.banned
+                assert index in self.known[peer]
+                assert index not in self.held
+                assert (peer, index) not in self.asked
+                if not self.pending(index):
+                    assert N - len(self.held) <= self.threshold  # duplicates only in the endgame
+                self.asked[(peer, index)] = self.now
+                assert sum(p == peer for p, _ in self.asked) <= self.allowance[peer] <= MAX
+                assert sum(i == index for _, i in self.asked) + (index in self.up) <= COPIES
+            elif isinstance(action, CancelRequest):
+                assert action.index in self.held or action.peer_id in self.banned
+            else:
+                for index in action.indices:
+                    assert self.pending(index)
+                    assert self.lease[0] <= index < self.lease[1]
+                    assert not self.holders(index)
+                    assert index not in self.hold
+                    self.up.add(index)
+        # nothing left undone: every peer with allowance left has nothing to be asked
+        for peer, held in self.known.items():
+            if sum(p == peer for p, _ in self.asked) < self.allowance[peer]:
+                assert not [i for i in held if self.pending(i)], peer
+        if len(self.up) * 2 <= BATCH:
+            lo, hi = self.lease
+            assert not [
+                i for i in range(lo, hi)
+                if self.pending(i) and not self.holders(i) and i not in self.hold
+            ]
+
+    # -- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def model_agrees(self) -> None:
+        if not hasattr(self, "sched"):
+            return
+        stats = self.sched.statistics()
+        assert stats.held == len(self.held) and self.sched.done == (len(self.held) == N)
+        assert stats.in_flight == len(self.asked)
+        assert stats.upstream_in_flight == len(self.up)
+        assert set(stats.blamed) == self.blamed
+        for peer in PEERS:
+            assert self.sched.known(peer) == frozenset(self.known.get(peer, ()))
+        wanted = [i for i in range(N) if self.pending(i) and not self.holders(i)]
+        assert list(self.sched.wanted_upstream()) == wanted
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=60, deadline=None
+)
+test_scheduler_state_machine = SchedulerMachine.TestCase
