@@ -82,6 +82,22 @@ class DaemonConfig:
     upstream_timeout: float = 60.0
     access_ttl: float = 300.0
     log_level: str = "info"
+    peer_listen: tuple[str, int] | None = None
+    advertise: str | None = None
+    node_id: str | None = None
+    cluster_secret_file: Path | None = None
+
+    def cluster_secret(self) -> bytes | None:
+        """The cluster secret's bytes (surrounding whitespace dropped), or ``None``."""
+        if self.cluster_secret_file is None:
+            return None
+        try:
+            secret = self.cluster_secret_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --cluster-secret-file: {exc}") from exc
+        if len(secret) < 16:
+            raise ConfigError("the cluster secret must be at least 16 bytes")
+        return secret
 
     def registry(self, host: str) -> RegistryConfig:
         """Settings for ``host``: the configured ones, or HTTPS on the host's own name."""
@@ -151,6 +167,19 @@ def _log_level(text: Any) -> str:
     return level
 
 
+def _advertise(text: Any) -> str:
+    parse_hostport(str(text))
+    return str(text)
+
+
+def _node_id(text: Any) -> str:
+    value = str(text)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
+        raise ConfigError(f"node id {value!r} must be letters, digits, '.', '_' or '-' "
+                          "(at most 128)")
+    return value
+
+
 RUN_OPTIONS: tuple[Option, ...] = (
     Option("mirror-listen", "address containerd reaches the mirror on (default 127.0.0.1:5001)",
            parse_hostport, metavar="HOST:PORT"),
@@ -177,6 +206,14 @@ RUN_OPTIONS: tuple[Option, ...] = (
            metavar="SECONDS"),
     Option("log-level", "debug, info, warning or error (default info)", _log_level,
            metavar="LEVEL"),
+    Option("peer-listen", "address of the peer port other daemons connect to (default: "
+           "no peer port)", parse_hostport, metavar="HOST:PORT"),
+    Option("advertise", "HOST:PORT other daemons should use to reach the peer port, where "
+           "it differs from --peer-listen", _advertise, metavar="HOST:PORT"),
+    Option("node-id", "this daemon's id among its peers (default: the host name)", _node_id,
+           metavar="ID"),
+    Option("cluster-secret-file", "file holding a shared secret (≥ 16 bytes); peers that "
+           "cannot prove they know it get nothing", Path, metavar="FILE"),
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import trio
@@ -15,6 +16,7 @@ from p2pd.io.blobs import BlobService
 from p2pd.io.http import serve_http
 from p2pd.io.metrics import Metrics
 from p2pd.io.mirror import Mirror
+from p2pd.io.peer import PeerService
 from p2pd.io.store import DiskStore
 from p2pd.io.upstream import Upstreams
 
@@ -28,6 +30,12 @@ class Running:
     mirror_address: tuple[str, int]
     mirror: Mirror
     metrics: Metrics
+    peer_address: tuple[str, int] | None = None
+
+
+def _address(listeners: list[trio.SocketListener]) -> tuple[str, int]:
+    sockname = listeners[0].socket.getsockname()
+    return sockname[0], sockname[1]
 
 
 async def run_daemon(
@@ -44,21 +52,32 @@ async def run_daemon(
     host, port = config.mirror_listen
     # Bind first: a busy port should fail the start before anything else happens.
     listeners = await trio.open_tcp_listeners(port, host=host)
+    peer_listeners: list[trio.SocketListener] = []
+    if config.peer_listen is not None:
+        peer_host, peer_port = config.peer_listen
+        peer_listeners = await trio.open_tcp_listeners(peer_port, host=peer_host)
+    node_id = config.node_id or socket.gethostname()
     try:
         async with trio.open_nursery() as nursery:
             blobs = BlobService(store, upstreams, metrics, lru, nursery)
             await blobs.open()
             mirror = Mirror(config, blobs, upstreams, metrics)
             await nursery.start(serve_http, listeners, mirror.handle)
-            sockname = listeners[0].socket.getsockname()
-            address = (sockname[0], sockname[1])
+            if peer_listeners:
+                peers = PeerService(node_id, config.cluster_secret(), blobs.piece_for_peer,
+                                    on_bytes_uploaded=metrics.peer_bytes_uploaded.inc,
+                                    on_protocol_error=metrics.peer_protocol_errors.inc)
+                await nursery.start(peers.serve, peer_listeners)
+                log.info("p2pd peer port on %s as node %s", _address(peer_listeners), node_id)
+            address = _address(listeners)
             mirror.ready = True
             log.info("p2pd mirror listening on %s:%d, cache %s (limit %d bytes)",
                      address[0], address[1], config.cache_dir, config.cache_size)
-            task_status.started(Running(address, mirror, metrics))
+            task_status.started(Running(address, mirror, metrics,
+                                        _address(peer_listeners) if peer_listeners else None))
     finally:
         with trio.CancelScope(shield=True):
-            for listener in listeners:
+            for listener in listeners + peer_listeners:
                 await listener.aclose()
             await upstreams.aclose()
 

@@ -309,6 +309,34 @@ class BlobService:
             await self._delete(digest)
         self._update_gauges()
 
+    async def piece_for_peer(self, digest_text: str, size: int, index: int) -> bytes | None:
+        """Verified bytes of a piece for a peer, or ``None`` if this node does not hold it.
+
+        Complete blobs and the published pieces of downloads in flight both count, so
+        other nodes can fetch a layer that is still arriving here.
+        """
+        digest = Digest.parse(digest_text)
+        dl = self.downloads.get(digest)
+        if dl is not None and dl.layout.size == size and index < dl.layout.count:
+            expected = dl.hashes[index]
+            if not dl.published[index] or expected is None:
+                return None
+            data = dl.recent.get(index)
+            if data is None:
+                data = await trio.to_thread.run_sync(
+                    self.store.read_unverified_piece, digest, index)
+                if not await trio.to_thread.run_sync(_matches, data, expected):
+                    return None
+            return data
+        table = self.tables.get(digest)
+        if table is None or table.size != size or index >= table.layout.count:
+            return None
+        try:
+            return await trio.to_thread.run_sync(self.store.known_good_piece, table, index)
+        except (CorruptPiece, FileNotFoundError):
+            await self.drop_corrupt(digest)
+            return None
+
     def prefetch(self, read: Callable[[], Awaitable[bytes | FileRegion]]) -> Pending:
         """Run the coroutine function ``read`` in the background; collect its outcome."""
         pending = Pending()

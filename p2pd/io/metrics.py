@@ -64,6 +64,11 @@ class Metrics:
             "p2pd_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.blobs_in_flight = Gauge(
             "p2pd_blobs_in_flight", "Blob downloads in progress", registry=r)
+        self.peer_bytes_uploaded = Counter(
+            "p2pd_peer_bytes_uploaded", "Piece bytes sent to other daemons", registry=r)
+        self.peer_protocol_errors = Counter(
+            "p2pd_peer_protocol_errors", "Peer connections closed for breaking the protocol",
+            registry=r)
         self.blob_duration = Histogram(
             "p2pd_blob_serve_seconds", "Time to serve a blob GET to a client", ["source"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),

@@ -35,10 +35,13 @@ class P2pd(StopOnExit):
         port: int | None = None,
         cache_dir: Path | None = None,
         timeout: float = 20.0,
+        peer_port: int | None = None,
+        node_id: str | None = None,
     ) -> P2pd:
         """Start ``python -m p2pd run`` and wait until ``/healthz`` answers 200.
 
         ``registries`` maps registry hosts to upstream URLs (``--registry HOST=URL``).
+        ``peer_port=0`` opens a peer port on a free port (see :attr:`peer_addr`).
         """
         workdir.mkdir(parents=True, exist_ok=True)
         port = port if port is not None else free_port()
@@ -59,6 +62,10 @@ class P2pd(StopOnExit):
         # Never let a lab daemon reach for docker.io: requests without ns= go to a
         # loopback port where nothing listens unless the caller names a registry.
         args += ["--default-registry", default_registry or "127.0.0.1:9"]
+        if peer_port is not None:
+            args += ["--peer-listen", f"127.0.0.1:{peer_port or free_port()}"]
+        if node_id is not None:
+            args += ["--node-id", node_id]
         args += list(extra)
         proc = Proc.start(args, workdir / f"p2pd-{port}.log")
         daemon = cls(workdir, port, proc, args)
@@ -73,6 +80,11 @@ class P2pd(StopOnExit):
     def url(self) -> str:
         """Base URL of the mirror port."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def peer_addr(self) -> str:
+        """``127.0.0.1:PORT`` of the peer port (start with ``peer_port=0`` for one)."""
+        return self.args[self.args.index("--peer-listen") + 1]
 
     @property
     def cache_dir(self) -> Path:

@@ -98,6 +98,11 @@ SAMPLES: dict[str, tuple[str, Callable[[DaemonConfig], Any], Any]] = {
     "upstream-timeout": ("15", lambda c: c.upstream_timeout, 15.0),
     "access-ttl": ("30", lambda c: c.access_ttl, 30.0),
     "log-level": ("DEBUG", lambda c: c.log_level, "debug"),
+    "peer-listen": ("0.0.0.0:5002", lambda c: c.peer_listen, ("0.0.0.0", 5002)),
+    "advertise": ("10.0.0.7:5002", lambda c: c.advertise, "10.0.0.7:5002"),
+    "node-id": ("node-7.example", lambda c: c.node_id, "node-7.example"),
+    "cluster-secret-file": ("/etc/p2pd/secret", lambda c: c.cluster_secret_file,
+                            Path("/etc/p2pd/secret")),
 }
 OPTIONS = {opt.name: opt for opt in RUN_OPTIONS}
 

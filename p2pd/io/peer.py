@@ -1,0 +1,282 @@
+"""The peer port: the wire protocol of :mod:`p2pd.core.protocol` over trio TCP streams.
+
+How it works: every connection, either way, is one :class:`PeerConnection` (sans-IO)
+fed from a trio stream. The server side answers what peers ask: ``REQUEST`` with the
+piece's bytes when this node holds it verified (a complete cached blob, or a piece of a
+download in flight), else ``REFUSE``; ``PING`` with ``PONG``; coordinator queries with
+what this node knows. A peer that breaks the protocol gets an ``ERROR`` and the
+connection is closed; the error is logged, the daemon carries on. The client side,
+:class:`PeerLink`, opens a connection, completes the handshake (and the cluster-secret
+proof) and sends requests; a reader task routes each answer to its waiting request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pd.core.auth import Role
+from p2pd.core.messages import (
+    ERROR_PROTOCOL,
+    REFUSE_MISSING,
+    Error,
+    Lease,
+    LeaseGrant,
+    Lookup,
+    Message,
+    Peers,
+    Piece,
+    Ping,
+    Pong,
+    Refuse,
+    Request,
+)
+from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel
+from p2pd.errors import P2PError, ProtocolError, RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 300.0
+
+PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
+"""``(digest, size, index) -> verified piece bytes, or None if this node lacks them``."""
+
+
+class PeerUnavailable(P2PError):
+    """A peer could not be reached, refused us, or went away mid-request."""
+
+
+@dataclass
+class PeerServerStatistics:
+    """Counters of the peer port."""
+
+    connections: int = 0
+    protocol_errors: int = 0
+    pieces_served: int = 0
+    bytes_served: int = 0
+    refusals: int = 0
+
+
+@dataclass
+class PeerService:
+    """What the peer port serves, and how it identifies itself."""
+
+    node_id: str
+    secret: bytes | None
+    pieces: PieceSource
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    stats: PeerServerStatistics = field(default_factory=PeerServerStatistics)
+    on_bytes_uploaded: Callable[[int], None] = lambda n: None
+    on_protocol_error: Callable[[], None] = lambda: None
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Answer peers on ``listeners`` until cancelled."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(self._connection, listeners, handler_nursery=nursery)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self.stats.connections += 1
+        conn = PeerConnection(self.node_id, role=Role.RESPONDER, secret=self.secret,
+                              rng=self.rng)
+        peer = _peer_name(stream)
+        async with stream:
+            try:
+                await stream.send_all(conn.data_to_send())
+                await self._answer(conn, stream)
+            except RemoteProtocolError as exc:
+                self.stats.protocol_errors += 1
+                self.on_protocol_error()
+                log.warning("peer %s: protocol error: %s", peer, exc)
+                await _send_error(conn, stream, exc.code, str(exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("peer %s: connection lost: %s", peer, exc)
+
+    async def _answer(self, conn: PeerConnection, stream: trio.SocketStream) -> None:
+        timeout = HANDSHAKE_TIMEOUT
+        while True:
+            with trio.move_on_after(timeout) as idle:
+                event = await _next_event(conn, stream)
+            if idle.cancelled_caught:
+                raise RemoteProtocolError("peer went silent")
+            timeout = IDLE_TIMEOUT
+            if event is CLOSED:
+                return
+            pending = conn.data_to_send()
+            if pending:
+                await stream.send_all(pending)
+            assert not isinstance(event, Sentinel)
+            reply = await self._reply(event)
+            if reply is not None:
+                await stream.send_all(conn.send(reply))
+
+    async def _reply(self, message: Message) -> Message | None:
+        if isinstance(message, Request):
+            data = await self.pieces(message.digest, message.size, message.index)
+            if data is None:
+                self.stats.refusals += 1
+                return Refuse(message.request_id, message.digest, message.size, message.index,
+                              REFUSE_MISSING)
+            self.stats.pieces_served += 1
+            self.stats.bytes_served += len(data)
+            self.on_bytes_uploaded(len(data))
+            return Piece(message.request_id, message.digest, message.size, message.index, data)
+        if isinstance(message, Ping):
+            return Pong(message.token)
+        # Coordination is not served yet: empty answers keep the request flow whole
+        # (every request is answered exactly once).
+        if isinstance(message, Lookup):
+            return Peers(message.request_id, message.digest, message.size, (), None)
+        if isinstance(message, Lease):
+            return LeaseGrant(message.request_id, message.digest, message.size,
+                              message.first_piece, message.last_piece, False, self.node_id)
+        return None
+
+
+async def _next_event(
+    conn: PeerConnection, stream: trio.abc.ReceiveStream
+) -> Message | Sentinel:
+    while True:
+        event = conn.next_event()
+        if event is not NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(MAX_FEED)))
+
+
+async def _send_error(
+    conn: PeerConnection, stream: trio.abc.SendStream, code: str, message: str
+) -> None:
+    try:
+        await stream.send_all(conn.send(Error(code or ERROR_PROTOCOL, message[:1000])))
+    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+class PeerLink:
+    """Our connection to one peer: send requests, await their answers."""
+
+    def __init__(self, conn: PeerConnection, stream: trio.SocketStream, addr: str) -> None:
+        self.addr = addr
+        self._conn = conn
+        self._stream = stream
+        self._send_lock = trio.Lock()
+        self._waiting: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._next_id = 1
+        self._failure: BaseException | None = None
+
+    @property
+    def peer_id(self) -> str:
+        """The peer's node id from its HELLO (authenticated when a secret is set)."""
+        hello = self._conn.peer_hello
+        return hello.node_id if hello is not None else "?"
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def request_piece(self, digest: str, size: int, index: int) -> bytes | None:
+        """Piece ``index`` of ``digest`` as the peer sent it, or ``None`` if refused.
+
+        The caller verifies the bytes against the piece table.
+        """
+        answer = await self.call(lambda rid: Request(rid, digest, size, index))
+        if isinstance(answer, Piece):
+            return answer.data
+        return None
+
+    async def call(self, make: Callable[[int], Message]) -> Message:
+        """Send the request ``make(request_id)`` and wait for its answer."""
+        if self._failure is not None:
+            raise PeerUnavailable(f"peer {self.addr}: {self._failure}")
+        request_id = self._new_id()
+        send, receive = trio.open_memory_channel[Message](1)
+        self._waiting[request_id] = send
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(self._conn.send(make(request_id)))
+            async with receive:
+                async for answer in receive:
+                    return answer
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerUnavailable(f"peer {self.addr}: {exc}") from exc
+        finally:
+            self._waiting.pop(request_id, None)
+        raise PeerUnavailable(f"peer {self.addr}: {self._failure or 'connection closed'}")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                event = await _next_event(self._conn, self._stream)
+                if event is CLOSED:
+                    self._failure = PeerUnavailable("closed")
+                    break
+                if isinstance(event, Error):
+                    self._failure = PeerUnavailable(f"peer error {event.code}: {event.message}")
+                    break
+                request_id = getattr(event, "request_id", None)
+                waiter = self._waiting.pop(request_id, None) if request_id else None
+                if waiter is not None:
+                    waiter.send_nowait(event)  # type: ignore[arg-type]
+                    waiter.close()
+        except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:
+            log.warning("peer %s: %s", self.addr, exc)
+            self._failure = exc
+        finally:
+            for waiter in self._waiting.values():
+                waiter.close()
+            self._waiting.clear()
+
+
+@asynccontextmanager
+async def open_peer_link(
+    addr: str, node_id: str, secret: bytes | None, *, rng: random.Random | None = None,
+    timeout: float = HANDSHAKE_TIMEOUT,
+) -> AsyncIterator[PeerLink]:
+    """Connect to the peer at ``addr`` (``HOST:PORT``) and complete the handshake.
+
+    Raises :class:`PeerUnavailable` if it cannot be reached or refuses us (for example
+    because we cannot prove the cluster secret).
+    """
+    host, _, port = addr.rpartition(":")
+    conn = PeerConnection(node_id, role=Role.INITIATOR, secret=secret,
+                          rng=rng or random.SystemRandom())
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            await stream.send_all(conn.data_to_send())
+            while conn.state.name not in ("READY", "CLOSED", "ERROR"):
+                event = await _next_event(conn, stream)
+                await stream.send_all(conn.data_to_send())
+                if isinstance(event, Error) or event is CLOSED:
+                    await stream.aclose()
+                    raise PeerUnavailable(f"peer {addr} refused us: "
+                                          f"{getattr(event, 'message', 'closed')}")
+    except (OSError, trio.TooSlowError, RemoteProtocolError) as exc:
+        raise PeerUnavailable(f"peer {addr}: {exc}") from exc
+    link = PeerLink(conn, stream, addr)
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(link._read)
+        try:
+            yield link
+        finally:
+            nursery.cancel_scope.cancel()
