@@ -22,6 +22,9 @@ that meaning is checked when a message is made (see :func:`_check`):
     index, first/last_piece      piece indices below the count; first ≤ last
     data                         exactly the length of piece ``index``
     holders                      tuple of ≤ 64 :class:`Holder`, distinct nodes
+    hashes                       concatenated 32-byte sha256 values: in ``ANNOUNCE``
+                                 one per piece held (bitfield order); in ``PEERS``
+                                 none, or one per piece with 32 zero bytes for unknown
     ===========================  ==============================================
 
 Building an invalid message raises :class:`LocalProtocolError`; the decoder re-raises
@@ -40,7 +43,7 @@ from typing import ClassVar, Final, NoReturn, cast, get_args
 
 import msgpack
 
-from p2pd.core.bitfield import bitfield_length, check_bitfield, full_bitfield
+from p2pd.core.bitfield import bitfield_length, check_bitfield, count_pieces, full_bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.pieces import MAX_PIECE, PieceLayout
 from p2pd.errors import DigestInvalid, LocalProtocolError, RemoteProtocolError
@@ -56,6 +59,8 @@ MAX_FEATURES: Final = 16
 MAX_TOKEN: Final = 32
 MAX_ERROR_MESSAGE: Final = 1024
 MAX_HOLDERS: Final = 64
+MAX_HASHES: Final = 32 * PieceLayout.for_size(MAX_BLOB_SIZE).count
+"""Longest piece table on the wire: 128 KiB, for 4096 pieces."""
 NONCE_SIZE: Final = 16
 MAC_SIZE: Final = 32
 
@@ -185,6 +190,7 @@ _RULES: Final[dict[str, Callable[[str, object], object]]] = {
     "complete": _bool,
     "granted": _bool,
     "holders": _holders,
+    "hashes": lambda name, value: _typed(name, value, bytes, MAX_HASHES),
 }
 """How each field is checked on its own, by name (the blob-dependent checks follow)."""
 
@@ -207,6 +213,14 @@ def _check(values: dict[str, object]) -> None:
             _fail(f"{name} {values[name]} is not below the blob's {layout.count} pieces")
     if cast(int, values.get("first_piece", 0)) > cast(int, values.get("last_piece", 0)):
         _fail("first_piece is after last_piece")
+    if "hashes" in values:
+        hashes = cast(bytes, values["hashes"])
+        if "bitfield" in values:
+            wanted = 32 * count_pieces(cast(bytes, values["bitfield"]))
+            if len(hashes) != wanted:
+                _fail(f"hashes must hold one sha256 per piece held ({wanted} bytes)")
+        elif len(hashes) not in (0, 32 * layout.count):
+            _fail(f"hashes must be empty or hold {layout.count} sha256 values")
     if "data" in values:
         length = layout.length(cast(int, values["index"]))
         if len(cast(bytes, values["data"])) != length:
@@ -348,6 +362,7 @@ class Announce(_Checked):
     bitfield: bytes
     complete: bool
     addr: str
+    hashes: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +395,7 @@ class Peers(_Checked):
     size: int
     holders: tuple[Holder, ...]
     fetcher: str | None
+    hashes: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,7 @@ from p2pd.core.pieces import MAX_PIECE
 from p2pd.errors import LocalProtocolError, RemoteProtocolError
 
 HEADER_SIZE: Final = 4
-MAX_CONTROL_FRAME: Final = 64 << 10
+MAX_CONTROL_FRAME: Final = 256 << 10
 MAX_PIECE_FRAME: Final = MAX_PIECE + (1 << 10)
 MAX_FEED: Final = 1 << 20
 """Most bytes to pass to one :meth:`PeerConnection.receive_data` call."""

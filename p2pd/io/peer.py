@@ -137,7 +137,7 @@ class PeerService:
         # Coordination is not served yet: empty answers keep the request flow whole
         # (every request is answered exactly once).
         if isinstance(message, Lookup):
-            return Peers(message.request_id, message.digest, message.size, (), None)
+            return Peers(message.request_id, message.digest, message.size, (), None, b"")
         if isinstance(message, Lease):
             return LeaseGrant(message.request_id, message.digest, message.size,
                               message.first_piece, message.last_piece, False, self.node_id)

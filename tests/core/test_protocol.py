@@ -99,7 +99,9 @@ def haves(draw: st.DrawFn, announce: bool = False) -> Have | Announce:
     layout = PieceLayout.for_size(size)
     bits, complete = draw(holdings(layout.count))
     if announce:
-        return Announce(draw(digests), size, layout.piece_size, bits, complete, draw(addrs))
+        table = draw(st.binary(min_size=32, max_size=32)) * count_pieces(bits)
+        return Announce(draw(digests), size, layout.piece_size, bits, complete, draw(addrs),
+                        table)
     return Have(draw(digests), size, layout.piece_size, bits, complete)
 
 
@@ -124,7 +126,8 @@ def peers(draw: st.DrawFn) -> Peers:
     count = PieceLayout.for_size(size).count
     ids = draw(st.lists(node_ids, max_size=6, unique=True))
     holders = tuple(Holder(i, draw(addrs), *draw(holdings(count))) for i in ids)
-    return Peers(draw(uints), draw(digests), size, holders, draw(st.none() | node_ids))
+    table = draw(st.sampled_from([b"", b"\x07" * 32 * count]))
+    return Peers(draw(uints), draw(digests), size, holders, draw(st.none() | node_ids), table)
 
 
 @st.composite
@@ -247,7 +250,7 @@ def test_the_largest_messages_fit_their_frames() -> None:
         Holder(f"{i:03d}" + "n" * 125, f"{longest_host}:65535", full_bitfield(count), True)
         for i in range(MAX_HOLDERS)
     )
-    biggest = Peers(MAX_UINT, DIGEST, size, holders, "f" * 128)
+    biggest = Peers(MAX_UINT, DIGEST, size, holders, "f" * 128, b"\xff" * 32 * count)
     assert len(encode_frame(biggest)) - 4 <= MAX_CONTROL_FRAME
     assert decode_message(encode_message(biggest)) == biggest
     assert len(encode_frame(Error("x", "\U0001f600" * 1024))) - 4 <= MAX_CONTROL_FRAME
@@ -296,13 +299,13 @@ def test_malformed_bitfields() -> None:
         lambda: Hello(1, "n" * 129, bytes(16)),
         lambda: Error("Bad", ""), lambda: Error("x", "m" * 1025),
         lambda: Lease(0, DIGEST, SIZE, 2, 1), lambda: Refuse(0, DIGEST, SIZE, 0, ""),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "host"),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "host:0"),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "[::1%eth0]:80"),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "[zz::1]:80"),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "-bad-:80"),
-        lambda: Peers(0, DIGEST, 0, (Holder("a", "h:1", b"", True),) * 2, None),
-        lambda: Peers(0, DIGEST, SIZE, (Holder("a", "h:1", b"", True),), None),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "host", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "host:0", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "[::1%eth0]:80", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "[zz::1]:80", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "-bad-:80", b""),
+        lambda: Peers(0, DIGEST, 0, (Holder("a", "h:1", b"", True),) * 2, None, b""),
+        lambda: Peers(0, DIGEST, SIZE, (Holder("a", "h:1", b"", True),), None, b""),
     ],
 )
 def test_invalid_messages_cannot_be_built(make: object) -> None:
@@ -357,9 +360,10 @@ HAVE = [Have.TAG, DIGEST, SIZE, MiB]
         (b"\x00\x00\x00\x00", "malformed"),
         (b"\x00\x00\x00\x03\x92\x04\xc1", "malformed"),
         (b"\x00\x00\x00\x05\x92\x03\xa1\xff\xc0", "malformed"),
-        (frame([Peers.TAG, 1, DIGEST, 0, [["a", "h:1", b"", True]] * 65, None]), "max_array_len"),
-        (frame([Peers.TAG, 1, DIGEST, 0, [["a", "h:1", b"", True]] * 2, None]), "repeat"),
-        (frame([Peers.TAG, 1, DIGEST, 0, [["a", "h:1", b""]], None]), "holder must be"),
+        (frame([Peers.TAG, 1, DIGEST, 0, [["a", "h:1", b"", True]] * 65, None, b""]),
+         "max_array_len"),
+        (frame([Peers.TAG, 1, DIGEST, 0, [["a", "h:1", b"", True]] * 2, None, b""]), "repeat"),
+        (frame([Peers.TAG, 1, DIGEST, 0, [["a", "h:1", b""]], None, b""]), "holder must be"),
         (frame([Hello.TAG, 1, "node-b", bytes(16), []]), "duplicate Hello"),
         (frame([AuthProof.TAG, bytes(32)]), "no cluster secret"),
         (frame([Piece.TAG, 1, DIGEST, SIZE, 3, b"12345"]), "answers no request"),
@@ -448,7 +452,8 @@ def test_requests_and_answers_flow() -> None:
     b.receive_data(a.send(Request(1, DIGEST, SIZE, 3)) + a.send(Lookup(2, DIGEST, SIZE)))
     assert drain(b) == [Request(1, DIGEST, SIZE, 3), Lookup(2, DIGEST, SIZE)]
     assert set(a.in_flight) == set(b.peer_in_flight) == {1, 2}
-    answers = b.send(Piece(1, DIGEST, SIZE, 3, b"12345")) + b.send(Peers(2, DIGEST, SIZE, (), None))
+    answers = b.send(Piece(1, DIGEST, SIZE, 3, b"12345"))
+    answers += b.send(Peers(2, DIGEST, SIZE, (), None, b""))
     a.receive_data(answers)
     assert [type(e) for e in drain(a)] == [Piece, Peers]
     assert not a.in_flight and not b.peer_in_flight
@@ -472,8 +477,8 @@ def test_cancel_is_answered_or_dropped_when_it_crosses_the_answer() -> None:
     ("asked", "answer"),
     [
         (Request(1, DIGEST, SIZE, 0), Piece(1, DIGEST, SIZE, 3, b"12345")),
-        (Request(1, DIGEST, SIZE, 0), Peers(1, DIGEST, SIZE, (), None)),
-        (Lookup(1, DIGEST, SIZE), Peers(1, DIGEST, SIZE + 1, (), None)),
+        (Request(1, DIGEST, SIZE, 0), Peers(1, DIGEST, SIZE, (), None, b"")),
+        (Lookup(1, DIGEST, SIZE), Peers(1, DIGEST, SIZE + 1, (), None, b"")),
         (Lease(1, DIGEST, SIZE, 1, 2), LeaseGrant(1, DIGEST, SIZE, 0, 2, False, "node-c")),
         (Lease(1, DIGEST, SIZE, 1, 2), LeaseGrant(1, DIGEST, SIZE, 1, 2, True, "node-c")),
         (Lookup(1, DIGEST, SIZE), Cancel(1)),
@@ -592,7 +597,8 @@ def _reply(i: int, step: str) -> Message:
     if step == "have":
         return Have(DIGEST, SIZE, MiB, b"\xa0", False)
     if i % 3 == 0:
-        return Peers(i, DIGEST, SIZE, (Holder("node-c", "10.0.0.3:5000", b"\xf0", True),), None)
+        return Peers(i, DIGEST, SIZE, (Holder("node-c", "10.0.0.3:5000", b"\xf0", True),), None,
+                     b"")
     if i % 3 == 2:
         return LeaseGrant(i, DIGEST, SIZE, 0, 1, step == "answer", "node-a")
     if step == "answer":
@@ -646,3 +652,14 @@ def test_a_valid_message_with_one_field_replaced_is_accepted_or_a_remote_error(
         drain(a)
     except RemoteProtocolError:
         assert a.state is State.ERROR
+
+
+def test_piece_tables_on_the_wire_must_match_the_pieces() -> None:
+    layout = PieceLayout.for_size(SIZE)
+    bits = full_bitfield(layout.count)
+    good = Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", b"\x01" * 32 * layout.count)
+    assert decode_message(encode_message(good)) == good
+    with pytest.raises(LocalProtocolError, match="one sha256 per piece held"):
+        Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", b"\x01" * 31)
+    with pytest.raises(LocalProtocolError, match="empty or hold"):
+        Peers(1, DIGEST, SIZE, (), None, b"\x01" * 32)
