@@ -86,6 +86,7 @@ class DaemonConfig:
     advertise: str | None = None
     node_id: str | None = None
     cluster_secret_file: Path | None = None
+    peers: str | None = None
 
     def cluster_secret(self) -> bytes | None:
         """The cluster secret's bytes (surrounding whitespace dropped), or ``None``."""
@@ -172,6 +173,21 @@ def _advertise(text: Any) -> str:
     return str(text)
 
 
+def _peers(text: Any) -> str:
+    spec = str(text)
+    kind, _, rest = spec.partition(":")
+    if kind != "static":
+        raise ConfigError(f"--peers {spec!r}: only static:HOST:PORT,... is supported")
+    for addr in rest.split(","):
+        parse_hostport(addr.strip())
+    return spec
+
+
+def static_peers(spec: str) -> list[str]:
+    """The peer addresses of a ``static:`` spec."""
+    return [addr.strip() for addr in spec.partition(":")[2].split(",") if addr.strip()]
+
+
 def _node_id(text: Any) -> str:
     value = str(text)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
@@ -212,6 +228,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "it differs from --peer-listen", _advertise, metavar="HOST:PORT"),
     Option("node-id", "this daemon's id among its peers (default: the host name)", _node_id,
            metavar="ID"),
+    Option("peers", "how to find the other daemons: static:HOST:PORT,HOST:PORT (their "
+           "peer ports); needs --peer-listen", _peers, metavar="SPEC"),
     Option("cluster-secret-file", "file holding a shared secret (≥ 16 bytes); peers that "
            "cannot prove they know it get nothing", Path, metavar="FILE"),
 )

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import socket
 from dataclasses import dataclass
 
 import trio
 
-from p2pd.config import DaemonConfig
+from p2pd.config import DaemonConfig, static_peers
 from p2pd.core.digest import Digest
 from p2pd.core.lru import LruPolicy
+from p2pd.core.membership import Member, Membership
+from p2pd.errors import ConfigError
 from p2pd.io.blobs import BlobService
 from p2pd.io.http import serve_http
 from p2pd.io.metrics import Metrics
 from p2pd.io.mirror import Mirror
 from p2pd.io.peer import PeerService
 from p2pd.io.store import DiskStore
+from p2pd.io.swarm import Swarm
 from p2pd.io.upstream import Upstreams
 
 log = logging.getLogger(__name__)
@@ -64,9 +68,14 @@ async def run_daemon(
             mirror = Mirror(config, blobs, upstreams, metrics)
             await nursery.start(serve_http, listeners, mirror.handle)
             if peer_listeners:
+                swarm = None
+                if config.peers is not None:
+                    swarm = _start_swarm(config, node_id, _address(peer_listeners), blobs,
+                                         metrics, nursery)
                 peers = PeerService(node_id, config.cluster_secret(), blobs.piece_for_peer,
                                     on_bytes_uploaded=metrics.peer_bytes_uploaded.inc,
-                                    on_protocol_error=metrics.peer_protocol_errors.inc)
+                                    on_protocol_error=metrics.peer_protocol_errors.inc,
+                                    coordinator=swarm)
                 await nursery.start(peers.serve, peer_listeners)
                 log.info("p2pd peer port on %s as node %s", _address(peer_listeners), node_id)
             address = _address(listeners)
@@ -80,6 +89,33 @@ async def run_daemon(
             for listener in listeners + peer_listeners:
                 await listener.aclose()
             await upstreams.aclose()
+
+
+def _start_swarm(
+    config: DaemonConfig, node_id: str, peer_address: tuple[str, int], blobs: BlobService,
+    metrics: Metrics, nursery: trio.Nursery,
+) -> Swarm:
+    assert config.peers is not None
+    host, port = peer_address
+    addr = config.advertise or f"{host}:{port}"
+    if host in ("0.0.0.0", "::") and config.advertise is None:
+        raise ConfigError("--peer-listen on a wildcard address needs --advertise HOST:PORT")
+    membership = Membership(addr, suspect_after=5.0, drop_after=15.0, self_addr=addr)
+    members = [Member(a, a) for a in static_peers(config.peers)] + [Member(addr, addr)]
+    membership.update(members, trio.current_time())
+    swarm = Swarm(node_id=node_id, addr=addr, secret=config.cluster_secret(),
+                  membership=membership, rng=random.SystemRandom(), nursery=nursery,
+                  on_peer_bytes=lambda n: None, on_blame=metrics.blamed_peers.inc)
+    blobs.swarm = swarm
+
+    async def announce_cached() -> None:
+        for state in blobs.held_states():
+            await swarm.announce(state)
+        await swarm.reannounce_forever(blobs.held_states)
+
+    nursery.start_soon(announce_cached)
+    log.info("p2pd swarm: %d static peers, advertised as %s", len(members) - 1, addr)
+    return swarm
 
 
 async def serve_until_signalled(config: DaemonConfig) -> None:

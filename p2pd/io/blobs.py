@@ -26,8 +26,9 @@ from p2pd.core.lru import LruPolicy
 from p2pd.core.pieces import PieceLayout
 from p2pd.errors import CorruptPiece, DigestMismatch, P2PError, UpstreamError
 from p2pd.io.metrics import Metrics
-from p2pd.io.sink import PieceSink
+from p2pd.io.sink import InOrderHash, PieceSink
 from p2pd.io.store import DiskStore, FileRegion, PieceTable
+from p2pd.io.swarm import BlobState, Swarm
 from p2pd.io.upstream import Upstreams
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class BlobService:
         self._nursery = nursery
         self.tables: dict[Digest, PieceTable] = {}
         self.downloads: dict[Digest, Download] = {}
+        self.swarm: Swarm | None = None
+        """Set when the daemon has peers: downloads then go through the swarm."""
 
     async def open(self) -> None:
         """Index what the cache directory holds."""
@@ -175,7 +178,10 @@ class BlobService:
     ) -> None:
         try:
             await self._make_room(dl.layout.size)
-            await self._fetch_upstream(dl, registry, name, headers)
+            if self.swarm is not None and dl.layout.count > 0:
+                await self._fetch_swarm(self.swarm, dl, registry, name, headers)
+            else:
+                await self._fetch_upstream(dl, registry, name, headers)
         except (P2PError, OSError) as exc:
             log.warning("blob %s: download failed: %s", dl.digest.short, exc)
             if isinstance(exc, DigestMismatch):
@@ -193,7 +199,7 @@ class BlobService:
     async def _fetch_upstream(
         self, dl: Download, registry: str, name: str, headers: list[tuple[str, str]]
     ) -> None:
-        layout, digest = dl.layout, dl.digest
+        digest = dl.digest
         sink = PieceSink(self.store, digest, functools.partial(self._stored, dl))
         try:
             await self._fetch_pieces(dl, sink, registry, name, headers)
@@ -203,12 +209,95 @@ class BlobService:
         if actual != bytes.fromhex(digest.hex):
             raise DigestMismatch(f"upstream bytes of {digest.short} hash to "
                                  f"sha256:{actual.hex()[:12]}")
-        table = PieceTable(digest, layout, tuple(h for h in dl.hashes if h is not None))
+        await self._commit(dl)
+
+    async def _fetch_swarm(
+        self, swarm: Swarm, dl: Download, registry: str, name: str,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        layout, digest = dl.layout, dl.digest
+        state = BlobState(str(digest), layout.size, layout.count, set(), [None] * layout.count)
+        hasher = InOrderHash(self.store, digest, layout.count,
+                             lambda i: dl.hashes[i] is not None, dl.recent.get)
+
+        async def store(index: int, data: bytes, source: str) -> bool:
+            if dl.hashes[index] is not None:
+                return True  # an endgame duplicate
+            expected = state.hashes[index] if source == "peer" else None
+            piece_hash = await trio.to_thread.run_sync(
+                self.store.write_piece, digest, index, data, expected)
+            if piece_hash is None:
+                return False
+            state.hashes[index] = dl.hashes[index] = piece_hash
+            dl.bytes_by_source[source] = dl.bytes_by_source.get(source, 0) + len(data)
+            self.metrics.blob_bytes_fetched.labels(source).inc(len(data))
+            self.metrics.pieces_fetched.labels(source).inc()
+            dl.remember(index, data)
+            if index < layout.count - 1:
+                dl.publish(index)
+            hasher.advance()
+            return True
+
+        async def fetch_range(first: int, stop: int,
+                              on_piece: Callable[[int, bytes], Awaitable[None]]) -> None:
+            await self._upstream_range(dl, registry, name, headers, first, stop, on_piece)
+
+        try:
+            await swarm.fetch(str(digest), layout.size, store, fetch_range, state)
+            actual = await hasher.digest()
+        finally:
+            hasher.close()
+        if actual != bytes.fromhex(digest.hex):
+            raise DigestMismatch(f"bytes of {digest.short} from the swarm hash to "
+                                 f"sha256:{actual.hex()[:12]}")
+        await self._commit(dl)
+
+    async def _commit(self, dl: Download) -> None:
+        table = PieceTable(dl.digest, dl.layout, tuple(h for h in dl.hashes if h is not None))
         await trio.to_thread.run_sync(self.store.commit, table)
-        self.tables[digest] = table
-        self.lru.add(digest, layout.size)
-        if layout.count:
-            dl.publish(layout.count - 1)
+        self.tables[dl.digest] = table
+        self.lru.add(dl.digest, dl.layout.size)
+        if dl.layout.count:
+            dl.publish(dl.layout.count - 1)
+
+    async def _upstream_range(
+        self, dl: Download, registry: str, name: str, headers: list[tuple[str, str]],
+        first: int, stop: int, on_piece: Callable[[int, bytes], Awaitable[None]],
+    ) -> None:
+        """Fetch pieces ``first..stop-1`` with one ``Range`` GET, each to ``on_piece``."""
+        layout = dl.layout
+        start, end = layout.span(first)[0], layout.span(stop - 1)[1]
+        path = f"/v2/{name}/blobs/{dl.digest}"
+        range_header = [("Range", f"bytes={start}-{end - 1}")]
+        response = await self.upstreams.send(registry, "GET", path, headers + range_header,
+                                              kind="blob")
+        try:
+            if response.status_code not in (200, 206):
+                raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
+            skip = start if response.status_code == 200 else 0
+            chunks: list[bytes] = []
+            have, index = 0, first
+            async for chunk in response.aiter_raw():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                chunks.append(chunk)
+                have += len(chunk)
+                while index < stop and have >= layout.length(index):
+                    joined = b"".join(chunks)
+                    length = layout.length(index)
+                    rest = joined[length:]
+                    chunks, have = ([rest] if rest else []), len(rest)
+                    await on_piece(index, joined[:length] if rest else joined)
+                    index += 1
+                if index == stop:
+                    break
+            if index < stop:
+                raise UpstreamError(f"upstream range ended at piece {index} of {first}-{stop}")
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream stream broke: {exc!r}") from exc
+        finally:
+            await response.aclose()
 
     async def _fetch_pieces(
         self, dl: Download, sink: PieceSink, registry: str, name: str,
@@ -336,6 +425,11 @@ class BlobService:
         except (CorruptPiece, FileNotFoundError):
             await self.drop_corrupt(digest)
             return None
+
+    def held_states(self) -> list[BlobState]:
+        """Every complete cached blob, as announced to the swarm."""
+        return [BlobState(str(t.digest), t.size, t.layout.count, set(range(t.layout.count)),
+                          list(t.hashes)) for t in self.tables.values()]
 
     def prefetch(self, read: Callable[[], Awaitable[bytes | FileRegion]]) -> Pending:
         """Run the coroutine function ``read`` in the background; collect its outcome."""

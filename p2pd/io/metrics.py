@@ -64,6 +64,12 @@ class Metrics:
             "p2pd_cache_evictions", "Blobs evicted from the cache", registry=r)
         self.blobs_in_flight = Gauge(
             "p2pd_blobs_in_flight", "Blob downloads in progress", registry=r)
+        self.pieces_fetched = Counter(
+            "p2pd_pieces_fetched", "Pieces brought into this node, by source", ["source"],
+            registry=r)
+        self.blamed_peers = Counter(
+            "p2pd_blamed_pieces", "Pieces from peers that failed their sha256 (the peer is "
+            "blamed)", registry=r)
         self.peer_bytes_uploaded = Counter(
             "p2pd_peer_bytes_uploaded", "Piece bytes sent to other daemons", registry=r)
         self.peer_protocol_errors = Counter(

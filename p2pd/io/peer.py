@@ -17,6 +17,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -24,6 +25,7 @@ from p2pd.core.auth import Role
 from p2pd.core.messages import (
     ERROR_PROTOCOL,
     REFUSE_MISSING,
+    Announce,
     Error,
     Lease,
     LeaseGrant,
@@ -46,6 +48,14 @@ IDLE_TIMEOUT = 300.0
 
 PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
 """``(digest, size, index) -> verified piece bytes, or None if this node lacks them``."""
+
+
+class Coordinating(Protocol):
+    """What answers the coordinator messages of the peer port (the swarm)."""
+
+    def on_announce(self, peer_id: str, msg: Announce) -> None: ...
+    def on_lookup(self, peer_id: str, msg: Lookup) -> Peers: ...
+    def on_lease(self, peer_id: str, msg: Lease) -> LeaseGrant: ...
 
 
 class PeerUnavailable(P2PError):
@@ -74,6 +84,7 @@ class PeerService:
     stats: PeerServerStatistics = field(default_factory=PeerServerStatistics)
     on_bytes_uploaded: Callable[[int], None] = lambda n: None
     on_protocol_error: Callable[[], None] = lambda: None
+    coordinator: Coordinating | None = None
 
     async def serve(
         self,
@@ -117,11 +128,12 @@ class PeerService:
             if pending:
                 await stream.send_all(pending)
             assert not isinstance(event, Sentinel)
-            reply = await self._reply(event)
+            hello = conn.peer_hello
+            reply = await self._reply(hello.node_id if hello else "?", event)
             if reply is not None:
                 await stream.send_all(conn.send(reply))
 
-    async def _reply(self, message: Message) -> Message | None:
+    async def _reply(self, peer_id: str, message: Message) -> Message | None:
         if isinstance(message, Request):
             data = await self.pieces(message.digest, message.size, message.index)
             if data is None:
@@ -134,8 +146,16 @@ class PeerService:
             return Piece(message.request_id, message.digest, message.size, message.index, data)
         if isinstance(message, Ping):
             return Pong(message.token)
-        # Coordination is not served yet: empty answers keep the request flow whole
-        # (every request is answered exactly once).
+        if self.coordinator is not None:
+            if isinstance(message, Announce):
+                self.coordinator.on_announce(peer_id, message)
+                return None
+            if isinstance(message, Lookup):
+                return self.coordinator.on_lookup(peer_id, message)
+            if isinstance(message, Lease):
+                return self.coordinator.on_lease(peer_id, message)
+        # Without a swarm nothing is coordinated here: empty answers keep the request
+        # flow whole (every request is answered exactly once).
         if isinstance(message, Lookup):
             return Peers(message.request_id, message.digest, message.size, (), None, b"")
         if isinstance(message, Lease):
@@ -182,6 +202,8 @@ class PeerLink:
         self._waiting: dict[int, trio.MemorySendChannel[Message]] = {}
         self._next_id = 1
         self._failure: BaseException | None = None
+        self.closed = trio.Event()
+        """Set once the connection is gone (the link cannot be used any more)."""
 
     @property
     def peer_id(self) -> str:
@@ -202,6 +224,16 @@ class PeerLink:
         if isinstance(answer, Piece):
             return answer.data
         return None
+
+    async def send(self, message: Message) -> None:
+        """Send a message that has no answer (``ANNOUNCE``, ``HAVE``)."""
+        if self._failure is not None:
+            raise PeerUnavailable(f"peer {self.addr}: {self._failure}")
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(self._conn.send(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerUnavailable(f"peer {self.addr}: {exc}") from exc
 
     async def call(self, make: Callable[[int], Message]) -> Message:
         """Send the request ``make(request_id)`` and wait for its answer."""
@@ -245,6 +277,7 @@ class PeerLink:
             for waiter in self._waiting.values():
                 waiter.close()
             self._waiting.clear()
+            self.closed.set()
 
 
 @asynccontextmanager

@@ -40,7 +40,9 @@ class PieceSink:
 
     def _work(self, index: int, data: bytes) -> bytes:
         self._blob_hash.update(data)
-        return self._store.write_piece(self._digest, index, data)
+        piece_hash = self._store.write_piece(self._digest, index, data)
+        assert piece_hash is not None  # nothing expected, nothing refused
+        return piece_hash
 
     def _finished(self, index: int, data: bytes, future: concurrent.futures.Future[bytes]) -> None:
         # Runs on the event loop.
@@ -82,4 +84,50 @@ class PieceSink:
 
     def close(self) -> None:
         """Stop the worker; pieces still queued are dropped."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class InOrderHash:
+    """The whole-blob sha256 of a blob whose pieces arrive in any order.
+
+    After each stored piece, :meth:`advance` hashes (on a worker thread) every piece from
+    the first unhashed one while they are present, taking recent pieces from memory and
+    the rest from disk, so the digest is ready almost as soon as the last piece is.
+    """
+
+    def __init__(
+        self, store: DiskStore, digest: Digest, count: int,
+        stored: Callable[[int], bool], recent: Callable[[int], bytes | None],
+    ) -> None:
+        self._store, self._digest, self._count = store, digest, count
+        self._stored, self._recent = stored, recent
+        self._hash = hashlib.sha256()
+        self._next = 0
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, f"p2pd-hash-{digest.short}")
+        self._last: concurrent.futures.Future[None] | None = None
+
+    def _run(self) -> None:
+        while self._next < self._count and self._stored(self._next):
+            data = self._recent(self._next)
+            if data is None:
+                data = self._store.read_unverified_piece(self._digest, self._next)
+            self._hash.update(data)
+            self._next += 1
+
+    def advance(self) -> None:
+        """Hash what can be hashed now, in the background."""
+        self._last = self._executor.submit(self._run)
+
+    async def digest(self) -> bytes:
+        """The blob's sha256, once every piece is stored."""
+        self.advance()
+        last = self._last
+        assert last is not None
+        await trio.to_thread.run_sync(last.result)
+        if self._next != self._count:
+            raise RuntimeError("InOrderHash.digest called before every piece was stored")
+        return self._hash.digest()
+
+    def close(self) -> None:
+        """Stop the worker."""
         self._executor.shutdown(wait=False, cancel_futures=True)

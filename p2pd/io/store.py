@@ -151,17 +151,24 @@ class DiskStore:
             f.write(data)
         os.replace(tmp, path)
 
-    def write_piece(self, digest: Digest, index: int, data: bytes) -> bytes:
+    def write_piece(
+        self, digest: Digest, index: int, data: bytes, expected: bytes | None = None
+    ) -> bytes | None:
         """Store piece ``index`` of a blob being downloaded; return its sha256.
+
+        With ``expected`` (a piece from a peer), bytes that do not hash to it are not
+        written and ``None`` is returned.
 
         The file is trusted from here on (see :meth:`trusted_region`): these are the
         bytes just hashed, and ``fstat`` of the new file records its identity. On
         filesystems with multigrain timestamps (ext4, xfs, btrfs, tmpfs on Linux ≥ 6.13)
         that ``fstat`` makes any later write change the ctime.
         """
+        piece_hash = hashlib.sha256(data).digest()
+        if expected is not None and piece_hash != expected:
+            return None
         directory = self.blob_dir(digest)
         directory.mkdir(exist_ok=True)
-        piece_hash = hashlib.sha256(data).digest()
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
         with open(tmp, "wb") as f:
             f.write(data)

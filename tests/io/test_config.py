@@ -103,6 +103,8 @@ SAMPLES: dict[str, tuple[str, Callable[[DaemonConfig], Any], Any]] = {
     "node-id": ("node-7.example", lambda c: c.node_id, "node-7.example"),
     "cluster-secret-file": ("/etc/p2pd/secret", lambda c: c.cluster_secret_file,
                             Path("/etc/p2pd/secret")),
+    "peers": ("static:10.0.0.1:5002,10.0.0.2:5002", lambda c: c.peers,
+              "static:10.0.0.1:5002,10.0.0.2:5002"),
 }
 OPTIONS = {opt.name: opt for opt in RUN_OPTIONS}
 

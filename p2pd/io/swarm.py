@@ -1,0 +1,386 @@
+"""Fetching a blob with the other daemons: peers first, upstream only under a lease.
+
+How it works: every blob has a coordinator, the live member with the highest rendezvous
+hash for its digest (``p2pd.core.membership``), so every node finds the same one without
+asking anybody. The coordinator keeps soft state (``p2pd.core.coordinator``): who holds
+which pieces, the piece table, and the upstream lease. A node downloading a blob looks
+the swarm up at its coordinator, feeds the holders to its piece scheduler
+(``p2pd.core.scheduler``), asks peers for pieces over the peer port and verifies each
+against the table, and asks the coordinator for a lease before fetching anything from
+the registry: when every node starts at once, one of them gets the lease and the rest
+take the pieces from it as they arrive. Each node announces what it holds (with the
+hashes of pieces it fetched itself) as it goes and, for complete blobs, every
+:data:`REANNOUNCE` seconds, so a new coordinator rebuilds its state within that time.
+Whatever goes wrong with peers or the coordinator, the node falls back to fetching from
+the registry itself: a pull never fails for want of peers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from p2pd.core.bitfield import pack_bitfield, unpack_bitfield
+from p2pd.core.coordinator import Coordinator
+from p2pd.core.membership import Member, Membership, coordinator_for
+from p2pd.core.messages import (
+    Announce,
+    Holder,
+    Lease,
+    LeaseGrant,
+    Lookup,
+    Peers,
+)
+from p2pd.core.peerscore import PeerScores
+from p2pd.core.scheduler import FetchUpstream, RequestPiece, Scheduler
+from p2pd.errors import P2PError
+from p2pd.io.peer import PeerLink, PeerUnavailable, open_peer_link
+
+log = logging.getLogger(__name__)
+
+LOOKUP_INTERVAL = 0.5
+LEASE_RETRY = 1.0
+ANNOUNCE_DELAY = 0.1
+REANNOUNCE = 20.0
+HOLDER_TTL = 3 * REANNOUNCE
+LEASE_TTL = 5.0
+ZERO = bytes(32)
+
+StorePiece = Callable[[int, bytes, str], Awaitable[bool]]
+"""``(index, data, source)``: store a piece whose hash matched; False if it did not."""
+FetchRange = Callable[[int, int, Callable[[int, bytes], Awaitable[None]]], Awaitable[None]]
+"""``(first, stop, on_piece)``: fetch pieces ``first..stop-1`` upstream, each to ``on_piece``."""
+
+
+@dataclass
+class BlobState:
+    """What this node holds of one blob, as announced to its coordinator."""
+
+    digest: str
+    size: int
+    count: int
+    held: set[int]
+    hashes: list[bytes | None]
+
+    def announce(self, addr: str) -> Announce:
+        held = sorted(self.held)
+        table = b"".join(self.hashes[i] or ZERO for i in held)
+        return Announce(self.digest, self.size, _piece_size(self.size),
+                        pack_bitfield(held, self.count), len(held) == self.count, addr, table)
+
+
+def _piece_size(size: int) -> int:
+    from p2pd.core.pieces import piece_size_for
+
+    return piece_size_for(size)
+
+
+class Swarm:
+    """This node's part in the swarm: coordinator for some digests, downloader of others."""
+
+    def __init__(
+        self, *, node_id: str, addr: str, secret: bytes | None, membership: Membership,
+        rng: random.Random, nursery: trio.Nursery,
+        on_peer_bytes: Callable[[int], None] = lambda n: None,
+        on_blame: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.node_id = node_id
+        self.addr = addr
+        self.secret = secret
+        self.membership = membership
+        self.rng = rng
+        self.coordinator = Coordinator(rng=rng, holder_ttl=HOLDER_TTL, lease_ttl=LEASE_TTL)
+        self.scores = PeerScores()
+        self._nursery = nursery
+        self._links: dict[str, PeerLink] = {}
+        self._connecting: dict[str, trio.Event] = {}
+        self._on_peer_bytes = on_peer_bytes
+        self._on_blame = on_blame
+        self.held: dict[str, BlobState] = {}
+
+    # -- the coordinator side (called by the peer port) ---------------------------------
+
+    def on_announce(self, peer_id: str, msg: Announce) -> None:
+        """A node tells us, its blob's coordinator, what it holds."""
+        now = trio.current_time()
+        pieces = unpack_bitfield(msg.bitfield, _count(msg.size))
+        table = {i: msg.hashes[32 * n:32 * n + 32] for n, i in enumerate(sorted(pieces))}
+        self.coordinator.announce(msg.digest, msg.size, peer_id, msg.addr, pieces,
+                                  msg.complete, table, now)
+        self.membership.heard_from(msg.addr, now)
+
+    def on_lookup(self, peer_id: str, msg: Lookup) -> Peers:
+        """Who holds pieces of a blob, and its piece table."""
+        found = self.coordinator.lookup(msg.digest, msg.size, peer_id, trio.current_time())
+        count = _count(msg.size)
+        holders = tuple(
+            Holder(h.node_id, h.addr, pack_bitfield(_indices(h.bits, count), count), h.complete)
+            for h in found.holders[:64]
+        )
+        table = b"".join(h or ZERO for h in found.hashes) if any(found.hashes) else b""
+        fetcher = found.fetchers[0].node_id if found.fetchers else None
+        return Peers(msg.request_id, msg.digest, msg.size, holders, fetcher, table)
+
+    def on_lease(self, peer_id: str, msg: Lease) -> LeaseGrant:
+        """Grant the upstream lease of a blob's missing pieces, or say who holds it."""
+        now = trio.current_time()
+        lease = self.coordinator.request_lease(msg.digest, msg.size, peer_id, now)
+        if lease is not None:
+            return LeaseGrant(msg.request_id, msg.digest, msg.size, lease.first_piece,
+                              lease.last_piece - 1, True, peer_id)
+        others = self.coordinator.leases(msg.digest, msg.size, now)
+        if others:
+            first = others[0]
+            return LeaseGrant(msg.request_id, msg.digest, msg.size, first.first_piece,
+                              first.last_piece - 1, False, first.node_id)
+        return LeaseGrant(msg.request_id, msg.digest, msg.size, msg.first_piece,
+                          msg.last_piece, False, self.node_id)
+
+    # -- talking to peers ----------------------------------------------------------------
+
+    async def _link(self, addr: str) -> PeerLink:
+        while addr not in self._links and addr in self._connecting:
+            await self._connecting[addr].wait()
+        if addr in self._links:
+            return self._links[addr]
+        self._connecting[addr] = trio.Event()
+        try:
+            link: PeerLink = await self._nursery.start(self._hold_link, addr)
+        finally:
+            self._connecting.pop(addr).set()
+        return link
+
+    async def _hold_link(
+        self, addr: str, *, task_status: trio.TaskStatus[PeerLink] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with open_peer_link(addr, self.node_id, self.secret, rng=self.rng) as link:
+                self._links[addr] = link
+                task_status.started(link)
+                await link.closed.wait()
+        finally:
+            self._links.pop(addr, None)
+
+    def _coordinator(self, digest: str) -> Member:
+        return coordinator_for(digest, self.membership.alive(trio.current_time()))
+
+    async def _ask(self, digest: str, make: Callable[[int], Lookup | Lease]) -> Peers | LeaseGrant:
+        """Send a coordinator query for ``digest`` (answered locally if we coordinate it)."""
+        member = self._coordinator(digest)
+        if member.addr == self.addr:
+            query = make(0)
+            return self.on_lookup(self.node_id, query) if isinstance(query, Lookup) \
+                else self.on_lease(self.node_id, query)
+        try:
+            answer = await (await self._link(member.addr)).call(make)
+        except PeerUnavailable:
+            self.membership.failed(member.addr, trio.current_time())
+            raise
+        self.membership.heard_from(member.addr, trio.current_time())
+        if not isinstance(answer, (Peers, LeaseGrant)):
+            raise PeerUnavailable(f"coordinator {member.addr} answered {type(answer).__name__}")
+        return answer
+
+    async def announce(self, state: BlobState) -> None:
+        """Tell the blob's coordinator what we hold (best effort)."""
+        msg = state.announce(self.addr)
+        member = self._coordinator(state.digest)
+        if member.addr == self.addr:
+            self.on_announce(self.node_id, msg)
+            return
+        try:
+            link = await self._link(member.addr)
+            await link.send(msg)
+        except PeerUnavailable as exc:
+            self.membership.failed(member.addr, trio.current_time())
+            log.debug("announce %s to %s failed: %s", state.digest[7:19], member.addr, exc)
+
+    async def reannounce_forever(self, complete: Callable[[], list[BlobState]]) -> None:
+        """Announce every complete blob again every :data:`REANNOUNCE` seconds."""
+        while True:
+            await trio.sleep(REANNOUNCE)
+            for state in complete():
+                await self.announce(state)
+
+    # -- downloading ---------------------------------------------------------------------
+
+    async def fetch(
+        self, digest: str, size: int, store: StorePiece, fetch_range: FetchRange,
+        state: BlobState,
+    ) -> None:
+        """Get every piece of a blob into ``store``, from peers where possible."""
+        fetch = _Fetch(self, digest, size, store, fetch_range, state)
+        await fetch.run()
+
+
+class _Fetch:
+    """One blob's download through the swarm (see the module docstring)."""
+
+    def __init__(
+        self, swarm: Swarm, digest: str, size: int, store: StorePiece,
+        fetch_range: FetchRange, state: BlobState,
+    ) -> None:
+        from p2pd.core.pieces import PieceLayout
+
+        self.swarm, self.digest, self.size = swarm, digest, size
+        self.layout = PieceLayout.for_size(size)
+        self.store, self.fetch_range, self.state = store, fetch_range, state
+        self.sched = Scheduler(self.layout, rng=swarm.rng, scores=swarm.scores)
+        self.addrs: dict[str, str] = {}
+        self.wake = trio.Event()
+        self.announce_due = False
+        self.leased = False
+        self.solo = False
+
+    def _poke(self) -> None:
+        self.wake.set()
+
+    async def run(self) -> None:
+        next_lookup = next_lease = 0.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._announcer)
+            while not self.sched.done:
+                now = trio.current_time()
+                if now >= next_lookup and not self.solo:
+                    await self._lookup(now)
+                    next_lookup = now + LOOKUP_INTERVAL
+                if (not self.leased and now >= next_lease and self.sched.wanted_upstream()):
+                    await self._lease(now)
+                    next_lease = now + LEASE_RETRY
+                self.sched.tick(now)
+                for action in self.sched.next_actions(now):
+                    if isinstance(action, RequestPiece):
+                        nursery.start_soon(self._from_peer, action.peer_id, action.index)
+                    elif isinstance(action, FetchUpstream):
+                        nursery.start_soon(self._from_upstream, action.indices)
+                if self.sched.done:
+                    break
+                deadline = min(next_lookup, self.sched.next_deadline() or next_lookup)
+                with trio.move_on_at(max(deadline, trio.current_time() + 0.01)):
+                    await self.wake.wait()
+                self.wake = trio.Event()
+            nursery.cancel_scope.cancel()
+        await self.swarm.announce(self.state)
+
+    async def _lookup(self, now: float) -> None:
+        try:
+            answer = await self.swarm._ask(
+                self.digest, lambda rid: Lookup(rid, self.digest, self.size))
+        except (PeerUnavailable, P2PError) as exc:
+            self._go_solo(f"coordinator unreachable: {exc}")
+            return
+        assert isinstance(answer, Peers)
+        if answer.hashes:
+            for i in range(self.layout.count):
+                value = answer.hashes[32 * i:32 * i + 32]
+                if value != ZERO and self.state.hashes[i] is None:
+                    self.state.hashes[i] = value
+        for holder in answer.holders:
+            if holder.addr == self.swarm.addr:
+                continue
+            self.addrs[holder.node_id] = holder.addr
+            pieces = {i for i in unpack_bitfield(holder.bitfield, self.layout.count)
+                      if self.state.hashes[i] is not None}
+            self.sched.peer_update(holder.node_id, pieces, False, now)
+
+    async def _lease(self, now: float) -> None:
+        try:
+            grant = await self.swarm._ask(self.digest, lambda rid: Lease(
+                rid, self.digest, self.size, 0, self.layout.count - 1))
+        except (PeerUnavailable, P2PError) as exc:
+            self._go_solo(f"coordinator unreachable: {exc}")
+            return
+        assert isinstance(grant, LeaseGrant)
+        if grant.granted:
+            self.leased = True
+            self.sched.set_upstream_range(grant.first_piece, grant.last_piece + 1)
+            log.info("blob %s: upstream lease for pieces %d-%d", self.digest[7:19],
+                     grant.first_piece, grant.last_piece)
+
+    def _go_solo(self, why: str) -> None:
+        if not self.solo:
+            log.warning("blob %s: %s; fetching from upstream", self.digest[7:19], why)
+        self.solo = self.leased = True
+        self.sched.set_upstream_range(0, self.layout.count)
+
+    async def _from_peer(self, peer_id: str, index: int) -> None:
+        now = trio.current_time()
+        expected = self.state.hashes[index]
+        try:
+            link = await self.swarm._link(self.addrs[peer_id])
+            data = await link.request_piece(self.digest, self.size, index)
+        except PeerUnavailable as exc:
+            log.info("blob %s: peer %s unavailable: %s", self.digest[7:19], peer_id, exc)
+            self.sched.peer_gone(peer_id, trio.current_time())
+            self._poke()
+            return
+        now = trio.current_time()
+        if data is None or expected is None:
+            self.sched.refused(peer_id, index, now)
+        elif not await self.store(index, data, "peer") or \
+                hashlib.sha256(data).digest() != expected:
+            log.warning("blob %s: piece %d from %s failed its hash; blamed", self.digest[7:19],
+                        index, peer_id)
+            self.swarm._on_blame()
+            self.sched.piece_received(peer_id, index, False, now)
+        else:
+            self.swarm._on_peer_bytes(len(data))
+            self.sched.piece_received(peer_id, index, True, now)
+            self._held(index)
+        self._poke()
+
+    async def _from_upstream(self, indices: tuple[int, ...]) -> None:
+        runs: list[list[int]] = []
+        for i in indices:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            await self._upstream_run(run)
+
+    async def _upstream_run(self, run: list[int]) -> None:
+        done: set[int] = set()
+
+        async def got(index: int, data: bytes) -> None:
+            await self.store(index, data, "upstream")
+            done.add(index)
+            self.sched.upstream_received(index, trio.current_time())
+            self._held(index)
+            self._poke()
+
+        try:
+            await self.fetch_range(run[0], run[-1] + 1, got)
+        except P2PError as exc:
+            log.info("blob %s: upstream pieces %d-%d failed: %s", self.digest[7:19],
+                     run[0], run[-1], exc)
+            for i in run:
+                if i not in done:
+                    self.sched.upstream_failed(i, trio.current_time())
+            self._poke()
+
+    def _held(self, index: int) -> None:
+        self.state.held.add(index)
+        self.announce_due = True
+
+    async def _announcer(self) -> None:
+        while True:
+            await trio.sleep(ANNOUNCE_DELAY)
+            if self.announce_due and not self.solo:
+                self.announce_due = False
+                await self.swarm.announce(self.state)
+
+
+def _count(size: int) -> int:
+    from p2pd.core.pieces import PieceLayout
+
+    return PieceLayout.for_size(size).count
+
+
+def _indices(bits: int, count: int) -> list[int]:
+    return [i for i in range(count) if bits >> i & 1]

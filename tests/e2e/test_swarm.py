@@ -1,0 +1,75 @@
+"""Several daemons on this machine share pieces: real docker-registry, real ctr pulls."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pd.lab.containerd import Containerd
+from p2pd.lab.daemon import P2pd
+from p2pd.lab.images import build_image, push_image
+from p2pd.lab.procs import free_port
+from p2pd.lab.proxy import TcpProxy
+from p2pd.lab.registry import Registry
+
+pytestmark = pytest.mark.e2e
+MiB = 1 << 20
+
+
+@contextlib.contextmanager
+def swarm(tmp_path: Path, upstream: str, registry_host: str, n: int,
+          *extra: str) -> Iterator[list[P2pd]]:
+    """``n`` daemons, each knowing the others' peer ports (static discovery)."""
+    ports = [free_port() for _ in range(n)]
+    daemons: list[P2pd] = []
+    try:
+        for i, port in enumerate(ports):
+            others = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+            daemons.append(P2pd.start(
+                tmp_path / f"node{i}", registries={registry_host: upstream},
+                default_registry=registry_host, peer_port=port, node_id=f"node{i}",
+                extra=["--peers", f"static:{others}", *extra]))
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+def wire(hosts: Path, registry: Registry, daemon: P2pd) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "p2pd", "containerd-config", "--registry", registry.host,
+         "--mirror", daemon.url, "--server", registry.url, "--hosts-dir", str(hosts)],
+        check=True, capture_output=True,
+    )
+    return hosts
+
+
+def test_later_nodes_take_their_layers_from_peers(
+    tmp_path: Path, registry: Registry, containerd: Containerd,
+) -> None:
+    image = build_image(tmp_path / "image", [2 * MiB, 6 * MiB, 12 * MiB], seed=5)
+    ref = push_image(image, registry.host, "swarm/app")
+    with TcpProxy.to(registry.host) as proxy, \
+            swarm(tmp_path, proxy.url, registry.host, 3) as nodes:
+        first = nodes[0]
+        containerd.pull(ref, hosts_dir=wire(tmp_path / "hosts0", registry, first))
+        assert first.metric("p2pd_blob_bytes_fetched_total", source="upstream") == \
+            image.blob_bytes
+        for i, node in enumerate(nodes[1:], start=1):
+            containerd.remove_image(ref)
+            proxy.reset_counts()
+            containerd.pull(ref, hosts_dir=wire(tmp_path / f"hosts{i}", registry, node))
+            assert ref in containerd.image_refs()
+            from_peers = node.metric("p2pd_blob_bytes_fetched_total", source="peer")
+            from_upstream = node.metric("p2pd_blob_bytes_fetched_total", source="upstream")
+            assert from_peers >= 0.95 * image.layer_bytes, node.log_text()[-3000:]
+            assert from_upstream <= 0.05 * image.layer_bytes
+            # What left the registry for this pull: manifests and access checks only.
+            assert proxy.downstream_bytes < 64 * 1024
+        assert sum(n.metric("p2pd_peer_bytes_uploaded_total") for n in nodes) >= \
+            2 * 0.95 * image.layer_bytes
