@@ -73,3 +73,39 @@ def test_later_nodes_take_their_layers_from_peers(
             assert proxy.downstream_bytes < 64 * 1024
         assert sum(n.metric("p2pd_peer_bytes_uploaded_total") for n in nodes) >= \
             2 * 0.95 * image.layer_bytes
+
+
+def test_five_nodes_starting_at_once_take_one_copy_from_the_registry(
+    tmp_path: Path, registry: Registry,
+) -> None:
+    import concurrent.futures
+
+    image = build_image(tmp_path / "image", [4 * MiB, 12 * MiB, 24 * MiB], seed=6)
+    ref = push_image(image, registry.host, "swarm/rollout")
+    n = 5
+    with TcpProxy.to(registry.host, rate=40 * MiB) as proxy, \
+            swarm(tmp_path, proxy.url, registry.host, n) as nodes, \
+            contextlib.ExitStack() as stack:
+        ctds = [stack.enter_context(Containerd.start(tmp_path / f"ctd{i}")) for i in range(n)]
+        hosts = []
+        for i, node in enumerate(nodes):
+            # The fallback server goes through the proxy too: every byte is counted.
+            hosts.append(tmp_path / f"hosts{i}")
+            subprocess.run(
+                [sys.executable, "-m", "p2pd", "containerd-config", "--registry",
+                 registry.host, "--mirror", node.url, "--server", proxy.url,
+                 "--hosts-dir", str(hosts[i])], check=True, capture_output=True)
+        proxy.reset_counts()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            pulls = list(pool.map(lambda i: ctds[i].pull(ref, hosts_dir=hosts[i], timeout=120),
+                                  range(n)))
+        assert all(p.returncode == 0 for p in pulls)
+        assert all(ref in c.image_refs() for c in ctds)
+        egress = proxy.downstream_bytes
+        assert egress <= 1.1 * image.blob_bytes, (egress, image.blob_bytes)
+        upstream = sum(node.metric("p2pd_blob_bytes_fetched_total", source="upstream")
+                       for node in nodes)
+        from_peers = sum(node.metric("p2pd_blob_bytes_fetched_total", source="peer")
+                         for node in nodes)
+        assert upstream <= 1.1 * image.blob_bytes
+        assert from_peers >= (n - 1) * 0.9 * image.layer_bytes
