@@ -267,11 +267,14 @@ class PeerLink:
                 request_id = getattr(event, "request_id", None)
                 waiter = self._waiting.pop(request_id, None) if request_id else None
                 if waiter is not None:
-                    waiter.send_nowait(event)  # type: ignore[arg-type]
+                    try:
+                        waiter.send_nowait(event)  # type: ignore[arg-type]
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the asker gave up (cancelled): nobody wants this answer
                     waiter.close()
         except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as exc:
-            log.warning("peer %s: %s", self.addr, exc)
+            log.warning("peer %s: %r", self.addr, exc)
             self._failure = exc
         finally:
             for waiter in self._waiting.values():

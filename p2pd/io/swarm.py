@@ -49,6 +49,8 @@ ANNOUNCE_DELAY = 0.1
 REANNOUNCE = 20.0
 HOLDER_TTL = 3 * REANNOUNCE
 LEASE_TTL = 5.0
+STUCK_AFTER = LEASE_TTL + 1.0
+"""Pieces no usable peer has and nobody fetches for this long come from upstream anyway."""
 ZERO = bytes(32)
 
 StorePiece = Callable[[int, bytes, str], Awaitable[bool]]
@@ -234,7 +236,7 @@ class _Fetch:
         self.addrs: dict[str, str] = {}
         self.wake = trio.Event()
         self.announce_due = False
-        self.leased = False
+        self.upstream = range(0)  # pieces we may fetch upstream (our lease)
         self.solo = False
 
     def _poke(self) -> None:
@@ -242,6 +244,7 @@ class _Fetch:
 
     async def run(self) -> None:
         next_lookup = next_lease = 0.0
+        stuck_since: float | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announcer)
             while not self.sched.done:
@@ -249,9 +252,15 @@ class _Fetch:
                 if now >= next_lookup and not self.solo:
                     await self._lookup(now)
                     next_lookup = now + LOOKUP_INTERVAL
-                if (not self.leased and now >= next_lease and self.sched.wanted_upstream()):
+                wanted = any(i not in self.upstream for i in self.sched.wanted_upstream())
+                if wanted and now >= next_lease:
                     await self._lease(now)
                     next_lease = now + LEASE_RETRY
+                # Pieces that only blamed or vanished peers claim, or whose fetcher
+                # stalls while the coordinator still counts its lease: stop waiting.
+                stuck_since = (stuck_since or now) if wanted else None
+                if stuck_since is not None and now - stuck_since > STUCK_AFTER:
+                    self._go_solo(f"no peer or fetcher delivered for {STUCK_AFTER:.0f} s")
                 self.sched.tick(now)
                 for action in self.sched.next_actions(now):
                     if isinstance(action, RequestPiece):
@@ -272,6 +281,7 @@ class _Fetch:
             answer = await self.swarm._ask(
                 self.digest, lambda rid: Lookup(rid, self.digest, self.size))
         except (PeerUnavailable, P2PError) as exc:
+            self.solo = True
             self._go_solo(f"coordinator unreachable: {exc}")
             return
         assert isinstance(answer, Peers)
@@ -293,19 +303,22 @@ class _Fetch:
             grant = await self.swarm._ask(self.digest, lambda rid: Lease(
                 rid, self.digest, self.size, 0, self.layout.count - 1))
         except (PeerUnavailable, P2PError) as exc:
+            self.solo = True
             self._go_solo(f"coordinator unreachable: {exc}")
             return
         assert isinstance(grant, LeaseGrant)
-        if grant.granted:
-            self.leased = True
-            self.sched.set_upstream_range(grant.first_piece, grant.last_piece + 1)
+        if grant.granted and not self.solo:
+            self.upstream = range(grant.first_piece, grant.last_piece + 1)
+            self.sched.set_upstream_range(self.upstream.start, self.upstream.stop)
             log.info("blob %s: upstream lease for pieces %d-%d", self.digest[7:19],
                      grant.first_piece, grant.last_piece)
 
     def _go_solo(self, why: str) -> None:
-        if not self.solo:
-            log.warning("blob %s: %s; fetching from upstream", self.digest[7:19], why)
-        self.solo = self.leased = True
+        """Fetch from upstream whatever no usable peer holds (peers still serve the rest)."""
+        if len(self.upstream) < self.layout.count:
+            log.warning("blob %s: %s; fetching missing pieces from upstream",
+                        self.digest[7:19], why)
+        self.upstream = range(self.layout.count)
         self.sched.set_upstream_range(0, self.layout.count)
 
     async def _from_peer(self, peer_id: str, index: int) -> None:
