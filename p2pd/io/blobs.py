@@ -376,11 +376,19 @@ class BlobService:
             if self.lru.is_pinned(digest) or digest not in self.tables:
                 continue
             self.lru.remove(digest)
-            del self.tables[digest]
+            table = self.tables.pop(digest)
+            self._announce_gone(digest, table.size)
             self.metrics.cache_evictions.inc()
             log.info("cache: evicting %s", digest.short)
             await self._delete(digest)
         self._update_gauges()
+
+    def _announce_gone(self, digest: Digest, size: int) -> None:
+        """Tell the swarm we no longer hold a blob, so nobody asks us for it."""
+        if self.swarm is not None:
+            count = PieceLayout.for_size(size).count
+            state = BlobState(str(digest), size, count, set(), [None] * count)
+            self._nursery.start_soon(self.swarm.announce, state)
 
     async def _delete(self, digest: Digest) -> None:
         # Detaching is one rename, done at once so a new download of the same digest
@@ -392,7 +400,9 @@ class BlobService:
     async def drop_corrupt(self, digest: Digest) -> None:
         """Forget and delete a cached blob found damaged on disk."""
         self.metrics.corrupt_pieces.inc()
-        if self.tables.pop(digest, None) is not None:
+        table = self.tables.pop(digest, None)
+        if table is not None:
+            self._announce_gone(digest, table.size)
             self.lru.remove(digest)
             log.warning("cache: blob %s damaged on disk; dropped", digest.short)
             await self._delete(digest)

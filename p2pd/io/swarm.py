@@ -238,13 +238,14 @@ class _Fetch:
         self.announce_due = False
         self.upstream = range(0)  # pieces we may fetch upstream (our lease)
         self.solo = False
+        self.refused: dict[str, set[int]] = {}  # pieces a peer said it lacks, after all
+        self.last_progress = trio.current_time()
 
     def _poke(self) -> None:
         self.wake.set()
 
     async def run(self) -> None:
         next_lookup = next_lease = 0.0
-        stuck_since: float | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announcer)
             while not self.sched.done:
@@ -258,9 +259,8 @@ class _Fetch:
                     next_lease = now + LEASE_RETRY
                 # Pieces that only blamed or vanished peers claim, or whose fetcher
                 # stalls while the coordinator still counts its lease: stop waiting.
-                stuck_since = (stuck_since or now) if wanted else None
-                if stuck_since is not None and now - stuck_since > STUCK_AFTER:
-                    self._go_solo(f"no peer or fetcher delivered for {STUCK_AFTER:.0f} s")
+                if now - self.last_progress > STUCK_AFTER:
+                    self._go_solo(f"no piece arrived for {STUCK_AFTER:.0f} s")
                 self.sched.tick(now)
                 for action in self.sched.next_actions(now):
                     if isinstance(action, RequestPiece):
@@ -294,8 +294,9 @@ class _Fetch:
             if holder.addr == self.swarm.addr:
                 continue
             self.addrs[holder.node_id] = holder.addr
+            lacks = self.refused.get(holder.node_id, set())
             pieces = {i for i in unpack_bitfield(holder.bitfield, self.layout.count)
-                      if self.state.hashes[i] is not None}
+                      if self.state.hashes[i] is not None and i not in lacks}
             self.sched.peer_update(holder.node_id, pieces, False, now)
 
     async def _lease(self, now: float) -> None:
@@ -334,6 +335,7 @@ class _Fetch:
             return
         now = trio.current_time()
         if data is None or expected is None:
+            self.refused.setdefault(peer_id, set()).add(index)
             self.sched.refused(peer_id, index, now)
         elif not await self.store(index, data, "peer") or \
                 hashlib.sha256(data).digest() != expected:
@@ -378,6 +380,7 @@ class _Fetch:
             self._poke()
 
     def _held(self, index: int) -> None:
+        self.last_progress = trio.current_time()
         self.state.held.add(index)
         self.announce_due = True
 

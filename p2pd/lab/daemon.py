@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -122,3 +123,27 @@ class P2pd(StopOnExit):
         """SIGKILL the daemon."""
         self.proc.kill()
 
+
+
+@contextlib.contextmanager
+def start_swarm(
+    workdir: Path, upstream: str, registry_host: str, n: int, *extra: str
+) -> Iterator[list[P2pd]]:
+    """``n`` daemons on loopback, each knowing the others' peer ports (static discovery).
+
+    Their upstream for ``registry_host`` is ``upstream`` (the registry, or a proxy in
+    front of it); node ``i`` is called ``node{i}`` and keeps its state in ``workdir/node{i}``.
+    """
+    ports = [free_port() for _ in range(n)]
+    daemons: list[P2pd] = []
+    try:
+        for i, port in enumerate(ports):
+            others = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
+            daemons.append(P2pd.start(
+                workdir / f"node{i}", registries={registry_host: upstream},
+                default_registry=registry_host, peer_port=port, node_id=f"node{i}",
+                extra=["--peers", f"static:{others}", *extra]))
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.stop()

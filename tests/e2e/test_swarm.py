@@ -5,15 +5,13 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from p2pd.lab.containerd import Containerd
-from p2pd.lab.daemon import P2pd
+from p2pd.lab.daemon import P2pd, start_swarm
 from p2pd.lab.images import build_image, push_image
-from p2pd.lab.procs import free_port
 from p2pd.lab.proxy import TcpProxy
 from p2pd.lab.registry import Registry
 
@@ -21,23 +19,7 @@ pytestmark = pytest.mark.e2e
 MiB = 1 << 20
 
 
-@contextlib.contextmanager
-def swarm(tmp_path: Path, upstream: str, registry_host: str, n: int,
-          *extra: str) -> Iterator[list[P2pd]]:
-    """``n`` daemons, each knowing the others' peer ports (static discovery)."""
-    ports = [free_port() for _ in range(n)]
-    daemons: list[P2pd] = []
-    try:
-        for i, port in enumerate(ports):
-            others = ",".join(f"127.0.0.1:{p}" for p in ports if p != port)
-            daemons.append(P2pd.start(
-                tmp_path / f"node{i}", registries={registry_host: upstream},
-                default_registry=registry_host, peer_port=port, node_id=f"node{i}",
-                extra=["--peers", f"static:{others}", *extra]))
-        yield daemons
-    finally:
-        for daemon in daemons:
-            daemon.stop()
+swarm = start_swarm
 
 
 def wire(hosts: Path, registry: Registry, daemon: P2pd) -> Path:
