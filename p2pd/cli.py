@@ -77,7 +77,8 @@ def _containerd_config(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from p2pd.demo import run_demo
 
-    return run_demo(workdir=args.workdir, layer_sizes=args.layers, keep=args.keep)
+    return run_demo(workdir=args.workdir, layer_sizes=args.layers, keep=args.keep,
+                    nodes=args.nodes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="run the local end-to-end demo (registry, p2pd, containerd)",
-        description="Start a local docker-registry with a generated image, p2pd and a "
-        "standalone containerd, pull the image through p2pd twice (cold, then from the "
-        "cache) and report where the bytes came from.",
+        description="Start a local docker-registry with a generated image, several p2pd "
+        "daemons and a standalone containerd; pull the image through each daemon in turn "
+        "(the first from the registry, the others from peers, then the first again from "
+        "its cache) and straight from the registry, and report where the bytes came from.",
     )
     demo.add_argument("--workdir", type=Path, default=None,
                       help="directory for the demo's state (default: a temporary one)")
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   for x in s.split(",")],
                       default=[8 << 20, 24 << 20, 64 << 20], metavar="MiB,MiB,...",
                       help="layer sizes in MiB (default 8,24,64)")
+    demo.add_argument("--nodes", type=int, default=3,
+                      help="how many p2pd daemons (default 3)")
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
     demo.set_defaults(func=_demo)
     return parser

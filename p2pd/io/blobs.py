@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 UPSTREAM_ATTEMPTS = 4
 RETRY_DELAY = 0.5
 RECENT_BYTES = 4 << 20
+STORE_AHEAD = 3
 
 
 class DownloadFailed(P2PError):
@@ -182,8 +183,13 @@ class BlobService:
                 await self._fetch_swarm(self.swarm, dl, registry, name, headers)
             else:
                 await self._fetch_upstream(dl, registry, name, headers)
-        except (P2PError, OSError) as exc:
-            log.warning("blob %s: download failed: %s", dl.digest.short, exc)
+        except Exception as exc:
+            # A download is a fault boundary: whatever breaks it, its readers' answers are
+            # cut short (containerd retries or falls back) and the daemon carries on.
+            if isinstance(exc, (P2PError, OSError)):
+                log.warning("blob %s: download failed: %s", dl.digest.short, exc)
+            else:
+                log.exception("blob %s: download failed unexpectedly", dl.digest.short)
             if isinstance(exc, DigestMismatch):
                 self.metrics.digest_mismatches.inc()
             dl.fail(exc)
@@ -220,12 +226,20 @@ class BlobService:
         hasher = InOrderHash(self.store, digest, layout.count,
                              lambda i: dl.hashes[i] is not None, dl.recent.get)
 
+        storing: dict[int, trio.Event] = {}
+
         async def store(index: int, data: bytes, source: str) -> bool:
+            while index in storing:  # an endgame duplicate: see how the first one fares
+                await storing[index].wait()
             if dl.hashes[index] is not None:
-                return True  # an endgame duplicate
+                return True
             expected = state.hashes[index] if source == "peer" else None
-            piece_hash = await trio.to_thread.run_sync(
-                self.store.write_piece, digest, index, data, expected)
+            storing[index] = trio.Event()
+            try:
+                piece_hash = await trio.to_thread.run_sync(
+                    self.store.write_piece, digest, index, data, expected)
+            finally:
+                storing.pop(index).set()
             if piece_hash is None:
                 return False
             state.hashes[index] = dl.hashes[index] = piece_hash
@@ -271,33 +285,53 @@ class BlobService:
         range_header = [("Range", f"bytes={start}-{end - 1}")]
         response = await self.upstreams.send(registry, "GET", path, headers + range_header,
                                               kind="blob")
+        room = trio.Semaphore(STORE_AHEAD)
+        failures: list[Exception] = []
         try:
-            if response.status_code not in (200, 206):
-                raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
-            skip = start if response.status_code == 200 else 0
-            chunks: list[bytes] = []
-            have, index = 0, first
-            async for chunk in response.aiter_raw():
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                chunks.append(chunk)
-                have += len(chunk)
-                while index < stop and have >= layout.length(index):
-                    joined = b"".join(chunks)
-                    length = layout.length(index)
-                    rest = joined[length:]
-                    chunks, have = ([rest] if rest else []), len(rest)
-                    await on_piece(index, joined[:length] if rest else joined)
-                    index += 1
-                if index == stop:
-                    break
-            if index < stop:
-                raise UpstreamError(f"upstream range ended at piece {index} of {first}-{stop}")
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream stream broke: {exc!r}") from exc
+            # Pieces are stored on the side, a few at a time, so the stream keeps flowing;
+            # errors are collected, not raised inside the nursery (no exception groups).
+            async with trio.open_nursery() as nursery:
+                try:
+                    await self._read_range(response, layout, first, stop, start, room,
+                                           nursery, on_piece, failures)
+                except (P2PError, httpx.HTTPError) as exc:
+                    failures.insert(0, exc)
         finally:
             await response.aclose()
+        if failures:
+            if isinstance(failures[0], httpx.HTTPError):
+                raise UpstreamError(f"upstream stream broke: {failures[0]!r}") from failures[0]
+            raise failures[0]
+
+    async def _read_range(
+        self, response: httpx.Response, layout: PieceLayout, first: int, stop: int,
+        start: int, room: trio.Semaphore, nursery: trio.Nursery,
+        on_piece: Callable[[int, bytes], Awaitable[None]], failures: list[Exception],
+    ) -> None:
+        if response.status_code not in (200, 206):
+            raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
+        skip = start if response.status_code == 200 else 0
+        chunks: list[bytes] = []
+        have, index = 0, first
+        async for chunk in response.aiter_raw():
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            chunks.append(chunk)
+            have += len(chunk)
+            while index < stop and have >= layout.length(index):
+                joined = b"".join(chunks)
+                length = layout.length(index)
+                rest = joined[length:]
+                chunks, have = ([rest] if rest else []), len(rest)
+                await room.acquire()
+                nursery.start_soon(_stored_aside, room, on_piece, index,
+                                   joined[:length] if rest else joined, failures)
+                index += 1
+            if index == stop or failures:
+                break
+        if index < stop and not failures:
+            raise UpstreamError(f"upstream range ended at piece {index} of {first}-{stop}")
 
     async def _fetch_pieces(
         self, dl: Download, sink: PieceSink, registry: str, name: str,
@@ -492,6 +526,18 @@ class BlobService:
         except FileNotFoundError as exc:
             await self.drop_corrupt(digest)
             raise CorruptPiece(f"piece {index} of {digest.short} is missing") from exc
+
+
+async def _stored_aside(
+    room: trio.Semaphore, on_piece: Callable[[int, bytes], Awaitable[None]],
+    index: int, data: bytes, failures: list[Exception],
+) -> None:
+    try:
+        await on_piece(index, data)
+    except (P2PError, OSError) as exc:
+        failures.append(exc)
+    finally:
+        room.release()
 
 
 def _matches(data: bytes, expected: bytes) -> bool:
