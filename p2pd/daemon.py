@@ -105,7 +105,8 @@ def _start_swarm(
     membership.update(members, trio.current_time())
     swarm = Swarm(node_id=node_id, addr=addr, secret=config.cluster_secret(),
                   membership=membership, rng=random.SystemRandom(), nursery=nursery,
-                  on_peer_bytes=lambda n: None, on_blame=metrics.blamed_peers.inc)
+                  on_peer_bytes=lambda n: None, on_blame=metrics.blamed_peers.inc,
+                  on_request=lambda kind: metrics.coordinator_requests.labels(kind).inc())
     blobs.swarm = swarm
 
     async def announce_cached() -> None:
@@ -113,7 +114,22 @@ def _start_swarm(
             await swarm.announce(state)
         await swarm.reannounce_forever(blobs.held_states)
 
+    async def keep_books() -> None:
+        while True:
+            now = trio.current_time()
+            swarm.coordinator.expire(now)
+            seen = membership.statistics(now)
+            metrics.peers.labels("alive").set(seen.alive - 1 - seen.suspect)
+            metrics.peers.labels("suspect").set(seen.suspect)
+            metrics.peers.labels("down").set(seen.down)
+            books = swarm.coordinator.statistics()
+            metrics.coordinated_blobs.set(books.swarms)
+            metrics.leases_granted.set(books.leases_granted)
+            metrics.lease_takeovers.set(books.takeovers)
+            await trio.sleep(2.0)
+
     nursery.start_soon(announce_cached)
+    nursery.start_soon(keep_books)
     log.info("p2pd swarm: %d static peers, advertised as %s", len(members) - 1, addr)
     return swarm
 

@@ -13,7 +13,6 @@ deleted. A broken upstream stream is resumed with ``Range`` from the first missi
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -456,10 +455,8 @@ class BlobService:
                 return None
             data = dl.recent.get(index)
             if data is None:
-                data = await trio.to_thread.run_sync(
-                    self.store.read_unverified_piece, digest, index)
-                if not await trio.to_thread.run_sync(_matches, data, expected):
-                    return None
+                return await trio.to_thread.run_sync(
+                    self.store.downloading_piece, digest, index, expected)
             return data
         table = self.tables.get(digest)
         if table is None or table.size != size or index >= table.layout.count:
@@ -506,10 +503,8 @@ class BlobService:
             if data is not None:
                 return data
             data = await trio.to_thread.run_sync(
-                self.store.read_unverified_piece, digest, index
-            )
-            ok = await trio.to_thread.run_sync(_matches, data, expected)
-            if not ok:
+                self.store.downloading_piece, digest, index, expected)
+            if data is None:
                 raise CorruptPiece(f"piece {index} of {digest.short} changed on disk")
             return data
         table = self.tables.get(digest)
@@ -539,6 +534,3 @@ async def _stored_aside(
     finally:
         room.release()
 
-
-def _matches(data: bytes, expected: bytes) -> bool:
-    return hashlib.sha256(data).digest() == expected

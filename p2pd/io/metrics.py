@@ -75,6 +75,21 @@ class Metrics:
         self.peer_protocol_errors = Counter(
             "p2pd_peer_protocol_errors", "Peer connections closed for breaking the protocol",
             registry=r)
+        self.peers = Gauge(
+            "p2pd_peers", "Other daemons this node knows of, by liveness", ["state"],
+            registry=r)
+        self.coordinated_blobs = Gauge(
+            "p2pd_coordinated_blobs", "Blobs this node is the coordinator of (soft state)",
+            registry=r)
+        self.coordinator_requests = Counter(
+            "p2pd_coordinator_requests", "Coordinator messages this node answered, by kind",
+            ["kind"], registry=r)
+        self.leases_granted = Gauge(
+            "p2pd_leases_granted", "Upstream leases this node granted as coordinator "
+            "(since start)", registry=r)
+        self.lease_takeovers = Gauge(
+            "p2pd_lease_takeovers", "Leases granted over pieces whose previous fetcher went "
+            "quiet (since start)", registry=r)
         self.blob_duration = Histogram(
             "p2pd_blob_serve_seconds", "Time to serve a blob GET to a client", ["source"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),

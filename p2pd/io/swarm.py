@@ -89,6 +89,7 @@ class Swarm:
         rng: random.Random, nursery: trio.Nursery,
         on_peer_bytes: Callable[[int], None] = lambda n: None,
         on_blame: Callable[[], None] = lambda: None,
+        on_request: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.node_id = node_id
         self.addr = addr
@@ -102,12 +103,14 @@ class Swarm:
         self._connecting: dict[str, trio.Event] = {}
         self._on_peer_bytes = on_peer_bytes
         self._on_blame = on_blame
+        self._on_request = on_request
         self.held: dict[str, BlobState] = {}
 
     # -- the coordinator side (called by the peer port) ---------------------------------
 
     def on_announce(self, peer_id: str, msg: Announce) -> None:
         """A node tells us, its blob's coordinator, what it holds."""
+        self._on_request("announce")
         now = trio.current_time()
         pieces = unpack_bitfield(msg.bitfield, _count(msg.size))
         table = {i: msg.hashes[32 * n:32 * n + 32] for n, i in enumerate(sorted(pieces))}
@@ -117,6 +120,7 @@ class Swarm:
 
     def on_lookup(self, peer_id: str, msg: Lookup) -> Peers:
         """Who holds pieces of a blob, and its piece table."""
+        self._on_request("lookup")
         found = self.coordinator.lookup(msg.digest, msg.size, peer_id, trio.current_time())
         count = _count(msg.size)
         holders = tuple(
@@ -129,6 +133,7 @@ class Swarm:
 
     def on_lease(self, peer_id: str, msg: Lease) -> LeaseGrant:
         """Grant the upstream lease of a blob's missing pieces, or say who holds it."""
+        self._on_request("lease")
         now = trio.current_time()
         lease = self.coordinator.request_lease(msg.digest, msg.size, peer_id, now)
         if lease is not None:

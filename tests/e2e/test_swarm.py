@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,16 @@ def test_later_nodes_take_their_layers_from_peers(
             assert proxy.downstream_bytes < 64 * 1024
         assert sum(n.metric("p2pd_peer_bytes_uploaded_total") for n in nodes) >= \
             2 * 0.95 * image.layer_bytes
+        # The books every node keeps (refreshed every 2 s): its peers, and as coordinator
+        # of some blobs, the leases it granted (one per blob: one copy from the registry).
+        deadline = time.monotonic() + 10
+        while sum(n.metric("p2pd_coordinated_blobs") for n in nodes) < len(image.blobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert all(n.metric("p2pd_peers", state="alive") == 2 for n in nodes)
+        assert sum(n.metric("p2pd_leases_granted") for n in nodes) == len(image.blobs)
+        assert sum(n.metric("p2pd_coordinator_requests_total", kind="lookup")
+                   for n in nodes) >= 3 * len(image.blobs)
 
 
 def test_five_nodes_starting_at_once_take_one_copy_from_the_registry(
