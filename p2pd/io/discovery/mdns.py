@@ -1,0 +1,345 @@
+"""mDNS discovery with zeroconf (``mdns``, ``mdns:SERVICE``, ``mdns:SERVICE@ADDR,ADDR``).
+
+How it works: every daemon registers one DNS-SD service of type ``_p2pd._tcp.local.``:
+SRV gives its peer port and a host name of its own (``p2pd-<id>-<hash>.local.``), A/AAAA
+its advertised IP, TXT ``id=<node id>`` and ``v=1``. It browses the same type; a
+service's member is ``Member(TXT id, "IP:SRV port")``. Its own service shows up in the
+browse too and is left out like in every discovery (by node id). A daemon that stops
+withdraws its service (see :func:`withdraw`) and peers drop it at the goodbye; a crashed
+one goes when its records expire (``ttl``: two minutes, instead of zeroconf's 75).
+
+Bridging to trio: zeroconf runs its own asyncio loop in a thread, and a
+``ServiceBrowser`` calls its handlers in a thread of its own. The handler resolves the
+service there (blocking is allowed in that thread) and posts ``(instance name, member or
+None)`` to the trio task with ``TrioToken.run_sync_soon``, which never blocks the
+browser thread and is harmless once the trio task is gone; the trio task keeps the
+``instance -> member`` map. Zeroconf is created, registered and closed (goodbyes sent,
+threads joined) through ``trio.to_thread``, shielded on the way out, so a cancelled
+``run`` leaves no thread or announcement behind.
+
+Questions are multicast-only (QM; zeroconf asks QU first by default): every responder
+on a host binds port 5353 with SO_REUSEPORT, so a unicast answer to 127.0.0.1:5353 may
+reach another responder than the one that asked, while multicast answers reach all.
+
+Loopback: with ``interfaces=["127.0.0.1"]`` zeroconf joins 224.0.0.251 on ``lo`` and
+sends with ``IP_MULTICAST_IF=127.0.0.1``; Linux delivers those packets back through
+``lo`` with no route, interface flag or ``IP_MULTICAST_LOOP`` needed, and nothing leaves
+the host. IPv6 loopback does not work: ``lo`` lacks the MULTICAST flag, so sending to
+``ff02::fb`` there fails with ENETUNREACH (zeroconf documents ``::1`` as unsupported).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any
+
+import trio
+from zeroconf import (
+    BadTypeInNameException,
+    DNSQuestionType,
+    InterfaceChoice,
+    IPVersion,
+    NonUniqueNameException,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf import Error as ZeroconfError
+from zeroconf._utils.name import service_type_name  # exported, but not in __all__
+
+from p2pd.core.membership import Member
+from p2pd.errors import ConfigError
+from p2pd.io.discovery.base import NODE_ID, MemberFeed, OnMembers, format_addr, split_addr
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE = "_p2pd._tcp.local."
+DEFAULT_SETTLE = 1.0
+DEFAULT_TTL = 120
+DEFAULT_RESOLVE_TIMEOUT = 3.0
+
+_Item = tuple[str, Member | None] | BaseException
+"""What the browser thread posts: an instance's member (``None``: gone), or a crash."""
+
+
+def service_type(name: str) -> str:
+    """The DNS-SD type for ``name``: ``p2pd`` -> ``_p2pd._tcp.local.``; full types kept."""
+    full = name if name.startswith("_") else f"_{name}._tcp.local."
+    if full.endswith(".local"):
+        full += "."
+    try:
+        checked = service_type_name(full, strict=True)
+    except BadTypeInNameException as exc:
+        raise ConfigError(f"mdns service {name!r}: {exc}") from None
+    if checked != full:
+        raise ConfigError(f"mdns service {name!r} is not a service type like "
+                          f"{DEFAULT_SERVICE!r}")
+    return full
+
+
+def _hash8(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def instance_label(node_id: str) -> str:
+    """The DNS-SD instance name for ``node_id``: the id itself when it is one clean label."""
+    if len(node_id) <= 63 and re.fullmatch(r"[A-Za-z0-9_-]+", node_id):
+        return node_id
+    return f"{re.sub(r'[^A-Za-z0-9_-]', '-', node_id)[:54]}-{_hash8(node_id)}"
+
+
+class MdnsDiscovery:
+    """Announce this node and find the others with multicast DNS.
+
+    ``interfaces`` restricts zeroconf to the interfaces with these IP addresses (default:
+    all IPv4 interfaces). ``settle`` is how long after browsing starts ``run`` waits
+    before its first list, so that members already present are in it; registering
+    (probing that the name is unique) takes about as long anyway.
+    """
+
+    def __init__(
+        self,
+        self_member: Member,
+        *,
+        service: str = DEFAULT_SERVICE,
+        interfaces: Sequence[str] | None = None,
+        settle: float = DEFAULT_SETTLE,
+        ttl: int = DEFAULT_TTL,
+        resolve_timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+    ) -> None:
+        host, port = split_addr(self_member.addr)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"mdns discovery announces an IP address; {self_member.addr!r} "
+                              "has a host name") from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise ConfigError(f"mdns discovery cannot announce {self_member.addr!r}: "
+                              "advertise an address other nodes can reach")
+        for addr in interfaces or ():
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ConfigError(f"mdns interface {addr!r} is not an IP address") from None
+        if not NODE_ID.fullmatch(self_member.node_id):
+            raise ConfigError(f"node id {self_member.node_id!r} breaks the node id grammar")
+        self.self_member = self_member
+        self.service_type = service_type(service)
+        self.interfaces = list(interfaces) if interfaces is not None else None
+        self.settle = settle
+        self.resolve_timeout = resolve_timeout
+        label = instance_label(self_member.node_id)
+        hostname = re.sub(r"[^A-Za-z0-9-]", "-", self_member.node_id)[:40]
+        self.info = ServiceInfo(
+            self.service_type,
+            f"{label}.{self.service_type}",
+            port=port,
+            addresses=[ip.packed],
+            properties={"id": self_member.node_id, "v": "1"},
+            server=f"p2pd-{hostname}-{_hash8(self_member.node_id)}.local.",
+            host_ttl=ttl,
+            other_ttl=ttl,
+        )
+
+    @classmethod
+    def from_spec(
+        cls, rest: str | None, *, self_member: Member, interfaces: Sequence[str] | None = None
+    ) -> MdnsDiscovery:
+        """Parse what follows ``mdns`` (``None``, ``SERVICE``, ``SERVICE@ADDR,...``, ``@ADDR``).
+
+        Interfaces in the spec win over ``interfaces``.
+        """
+        service = DEFAULT_SERVICE
+        if rest:
+            name, sep, addrs = rest.partition("@")
+            service = name or DEFAULT_SERVICE
+            if sep:
+                interfaces = [addr.strip() for addr in addrs.split(",")]
+                if not all(interfaces):
+                    raise ConfigError(f"mdns:{rest}: expected @ADDR,ADDR after the service")
+        return cls(self_member, service=service, interfaces=interfaces)
+
+    async def run(
+        self,
+        on_members: OnMembers,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Register, browse, deliver members until cancelled; then say goodbye and close."""
+        feed = MemberFeed(on_members, self.self_member, f"mdns {self.service_type}")
+        send, receive = trio.open_memory_channel[_Item](math.inf)
+        post = partial(_post, trio.lowlevel.current_trio_token(), send)
+        zc = await trio.to_thread.run_sync(self._open)
+        browser: ServiceBrowser | None = None
+        announcing: Awaitable[Any] | None = None
+        registered = False
+        found: dict[str, Member] = {}
+        try:
+            browser = ServiceBrowser(zc, self.service_type, question_type=DNSQuestionType.QM,
+                                     handlers=[partial(self._on_change, post)])
+            browsing_since = trio.current_time()
+            announcing = await trio.to_thread.run_sync(self._register, zc)
+            registered = True
+            log.info("mdns discovery: announcing %s at %s as %s", self.self_member.node_id,
+                     self.self_member.addr, self.info.name)
+            await trio.sleep_until(browsing_since + self.settle)
+            _drain(receive, found)
+            feed.offer(found.values())
+            task_status.started()
+            async for item in receive:
+                _apply(item, found)
+                _drain(receive, found)
+                feed.offer(found.values())
+        finally:
+            receive.close()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_close, zc, browser,
+                                              self.info if registered else None, announcing)
+
+    def _open(self) -> Zeroconf:
+        if self.interfaces is None:
+            return Zeroconf(interfaces=InterfaceChoice.All)
+        return Zeroconf(interfaces=list(self.interfaces))
+
+    def _register(self, zc: Zeroconf) -> Awaitable[Any]:
+        """Probe and register (in a worker thread); returns the announcements' task."""
+        assert zc.loop is not None
+
+        async def register() -> Awaitable[Any]:
+            return await zc.async_register_service(self.info)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(register(), zc.loop).result()
+        except NonUniqueNameException:
+            raise ConfigError(f"mdns: another node already announces {self.info.name!r}; "
+                              "node ids must be unique") from None
+
+    def _on_change(
+        self,
+        post: Callable[[_Item], None],
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        """ServiceBrowser handler, in the browser's thread: resolve, then post to trio."""
+        if state_change is ServiceStateChange.Removed:
+            post((name, None))
+            return
+        try:
+            info = zeroconf.get_service_info(service_type, name,
+                                             timeout=int(self.resolve_timeout * 1000),
+                                             question_type=DNSQuestionType.QM)
+        except ZeroconfError as exc:  # zeroconf's own: e.g. its loop blocked at shutdown
+            log.warning("mdns discovery: resolving %s failed: %r", name, exc)
+            return
+        except BaseException as exc:  # not ours to swallow: re-raised in the trio task
+            post(exc)
+            return
+        if info is None:
+            log.info("mdns discovery: %s did not resolve within %.1f s", name,
+                     self.resolve_timeout)
+            return
+        post((name, member_from_info(info)))
+
+
+def member_from_info(info: ServiceInfo) -> Member | None:
+    """The member a resolved service stands for, or ``None`` if it is unusable."""
+    raw = info.properties.get(b"id")
+    node_id = raw.decode("utf-8", "replace") if raw else ""
+    if not NODE_ID.fullmatch(node_id):
+        log.warning("mdns discovery: %s has no valid id in its TXT record; ignored", info.name)
+        return None
+    if not info.port:
+        log.warning("mdns discovery: %s has no port; ignored", info.name)
+        return None
+    v4, v6 = [], []
+    for ip in info.ip_addresses_by_version(IPVersion.All):
+        if isinstance(ip, ipaddress.IPv4Address):
+            v4.append(ip)
+        elif not ip.is_link_local and not ip.scope_id:
+            v6.append(ip)
+    # Deterministic choice, IPv4 first: every node must compute the same address.
+    chosen: list[Any] = sorted(v4) or sorted(v6)
+    if not chosen:
+        log.warning("mdns discovery: %s has no usable address; ignored", info.name)
+        return None
+    return Member(node_id, format_addr(chosen[0].compressed, info.port))
+
+
+def _post(token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[_Item],
+          item: _Item) -> None:
+    """Hand ``item`` to the trio task from any thread, without blocking."""
+
+    def deliver() -> None:
+        try:
+            send.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # run() is over; the browser is about to be cancelled
+
+    try:
+        token.run_sync_soon(deliver)
+    except trio.RunFinishedError:
+        pass
+
+
+def _apply(item: _Item, found: dict[str, Member]) -> None:
+    if isinstance(item, BaseException):
+        raise item
+    name, member = item
+    if member is None:
+        found.pop(name, None)
+    else:
+        found[name] = member
+
+
+def _drain(receive: trio.MemoryReceiveChannel[_Item], found: dict[str, Member]) -> None:
+    """Apply every item already queued, so a burst becomes one list."""
+    while True:
+        try:
+            item = receive.receive_nowait()
+        except trio.WouldBlock:
+            return
+        _apply(item, found)
+
+
+def withdraw(zc: Zeroconf, info: ServiceInfo, announcing: Awaitable[Any] | None) -> None:
+    """Take ``info`` off the network for good (blocking: call it from a worker thread).
+
+    ``Zeroconf.close`` alone sends goodbyes but keeps answering queries until it is
+    closed, and multicast answers it queued earlier (zeroconf delays them up to about a
+    second) can go out after the goodbyes: peers would then keep a stopped node for a
+    whole TTL. So: stop the registration's announcements, leave the registry (nothing
+    more is answered), drop the queued answers, then say goodbye.
+    """
+    assert zc.loop is not None
+
+    async def withdraw_on_loop() -> None:
+        if isinstance(announcing, asyncio.Future):
+            announcing.cancel()
+        goodbyes = await zc.async_unregister_service(info)
+        for name in ("out_queue", "out_delay_queue"):  # zeroconf internals: tolerate change
+            pending = getattr(getattr(zc, name, None), "queue", None)
+            if pending is not None:
+                pending.clear()  # only our answers: this Zeroconf serves one service
+        await goodbyes
+
+    asyncio.run_coroutine_threadsafe(withdraw_on_loop(), zc.loop).result()
+
+
+def _close(zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None,
+           announcing: Awaitable[Any] | None) -> None:
+    """Stop browsing, withdraw, close (in a worker thread: it blocks and joins threads)."""
+    if browser is not None:
+        browser.cancel()
+    if info is not None:
+        withdraw(zc, info, announcing)
+    zc.close()  # joins zeroconf's loop thread
