@@ -41,9 +41,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a start-up failure (a busy port, an unusable cache directory)."""
-    if isinstance(exc, OSError):
+def _first_os_error(exc: BaseException) -> OSError | ConfigError | None:
+    """The error behind a start-up failure (a busy port, an unusable cache directory, a
+    discovery spec that does not fit the node)."""
+    if isinstance(exc, (OSError, ConfigError)):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

@@ -175,17 +175,10 @@ def _advertise(text: Any) -> str:
 
 def _peers(text: Any) -> str:
     spec = str(text)
-    kind, _, rest = spec.partition(":")
-    if kind != "static":
-        raise ConfigError(f"--peers {spec!r}: only static:HOST:PORT,... is supported")
-    for addr in rest.split(","):
-        parse_hostport(addr.strip())
+    if spec.partition(":")[0].partition("@")[0] not in ("static", "dns", "mdns"):
+        raise ConfigError(f"--peers {spec!r}: expected static:HOST:PORT,..., dns:NAME:PORT "
+                          "or mdns")
     return spec
-
-
-def static_peers(spec: str) -> list[str]:
-    """The peer addresses of a ``static:`` spec."""
-    return [addr.strip() for addr in spec.partition(":")[2].split(",") if addr.strip()]
 
 
 def _node_id(text: Any) -> str:
@@ -228,8 +221,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "it differs from --peer-listen", _advertise, metavar="HOST:PORT"),
     Option("node-id", "this daemon's id among its peers (default: the host name)", _node_id,
            metavar="ID"),
-    Option("peers", "how to find the other daemons: static:HOST:PORT,HOST:PORT (their "
-           "peer ports); needs --peer-listen", _peers, metavar="SPEC"),
+    Option("peers", "how to find the other daemons (needs --peer-listen): "
+           "static:HOST:PORT,HOST:PORT (their peer ports), dns:NAME:PORT (every A/AAAA "
+           "record of a headless Service, re-resolved every 10 s) or mdns (zeroconf on a "
+           "flat network; mdns:SERVICE@ADDR,... to pick the service name and interfaces)",
+           _peers, metavar="SPEC"),
     Option("cluster-secret-file", "file holding a shared secret (≥ 16 bytes); peers that "
            "cannot prove they know it get nothing", Path, metavar="FILE"),
 )

@@ -10,12 +10,18 @@ from dataclasses import dataclass
 
 import trio
 
-from p2pd.config import DaemonConfig, static_peers
+from p2pd.config import DaemonConfig
 from p2pd.core.digest import Digest
 from p2pd.core.lru import LruPolicy
 from p2pd.core.membership import Member, Membership
 from p2pd.errors import ConfigError
 from p2pd.io.blobs import BlobService
+from p2pd.io.discovery import (
+    discovery_from_spec,
+    format_addr,
+    names_members_by_address,
+    node_id_for_addr,
+)
 from p2pd.io.http import serve_http
 from p2pd.io.metrics import Metrics
 from p2pd.io.mirror import Mirror
@@ -66,18 +72,18 @@ async def run_daemon(
             blobs = BlobService(store, upstreams, metrics, lru, nursery)
             await blobs.open()
             mirror = Mirror(config, blobs, upstreams, metrics)
-            await nursery.start(serve_http, listeners, mirror.handle)
             if peer_listeners:
                 swarm = None
                 if config.peers is not None:
-                    swarm = _start_swarm(config, node_id, _address(peer_listeners), blobs,
-                                         metrics, nursery)
+                    swarm = await _start_swarm(config, node_id, _address(peer_listeners),
+                                               blobs, metrics, nursery)
                 peers = PeerService(node_id, config.cluster_secret(), blobs.piece_for_peer,
                                     on_bytes_uploaded=metrics.peer_bytes_uploaded.inc,
                                     on_protocol_error=metrics.peer_protocol_errors.inc,
                                     coordinator=swarm)
                 await nursery.start(peers.serve, peer_listeners)
                 log.info("p2pd peer port on %s as node %s", _address(peer_listeners), node_id)
+            await nursery.start(serve_http, listeners, mirror.handle)
             address = _address(listeners)
             mirror.ready = True
             log.info("p2pd mirror listening on %s:%d, cache %s (limit %d bytes)",
@@ -91,18 +97,28 @@ async def run_daemon(
             await upstreams.aclose()
 
 
-def _start_swarm(
+async def _start_swarm(
     config: DaemonConfig, node_id: str, peer_address: tuple[str, int], blobs: BlobService,
     metrics: Metrics, nursery: trio.Nursery,
 ) -> Swarm:
     assert config.peers is not None
     host, port = peer_address
-    addr = config.advertise or f"{host}:{port}"
+    addr = config.advertise or format_addr(host, port)
     if host in ("0.0.0.0", "::") and config.advertise is None:
         raise ConfigError("--peer-listen on a wildcard address needs --advertise HOST:PORT")
+    # Coordinators are chosen by rendezvous hash over members named by their peer
+    # address: every daemon knows every address, whatever ids they call themselves.
     membership = Membership(addr, suspect_after=5.0, drop_after=15.0, self_addr=addr)
-    members = [Member(a, a) for a in static_peers(config.peers)] + [Member(addr, addr)]
-    membership.update(members, trio.current_time())
+    discovered: list[Member] = []
+
+    def on_members(members: list[Member]) -> None:
+        discovered[:] = [Member(m.addr, m.addr) for m in members]
+        membership.update(discovered, trio.current_time())
+
+    by_addr = names_members_by_address(config.peers)
+    me = Member(node_id_for_addr(addr) if by_addr else node_id, addr)
+    discovery = discovery_from_spec(config.peers, self_member=me)
+    await nursery.start(discovery.run, on_members)
     swarm = Swarm(node_id=node_id, addr=addr, secret=config.cluster_secret(),
                   membership=membership, rng=random.SystemRandom(), nursery=nursery,
                   on_peer_bytes=lambda n: None, on_blame=metrics.blamed_peers.inc,
@@ -117,6 +133,8 @@ def _start_swarm(
     async def keep_books() -> None:
         while True:
             now = trio.current_time()
+            # Discovery reports changes only; liveness wants to hear of members regularly.
+            membership.update(discovered, now)
             swarm.coordinator.expire(now)
             seen = membership.statistics(now)
             metrics.peers.labels("alive").set(seen.alive - 1 - seen.suspect)
@@ -130,7 +148,8 @@ def _start_swarm(
 
     nursery.start_soon(announce_cached)
     nursery.start_soon(keep_books)
-    log.info("p2pd swarm: %d static peers, advertised as %s", len(members) - 1, addr)
+    log.info("p2pd swarm: peers from %s (%d found so far), advertised as %s", config.peers,
+             len(discovered), addr)
     return swarm
 
 

@@ -102,3 +102,34 @@ def test_five_nodes_starting_at_once_take_one_copy_from_the_registry(
                          for node in nodes)
         assert upstream <= 1.1 * image.blob_bytes
         assert from_peers >= (n - 1) * 0.9 * image.layer_bytes
+
+
+def test_daemons_find_each_other_with_mdns_on_loopback(
+    tmp_path: Path, registry: Registry,
+) -> None:
+    import random as _random
+
+    import httpx
+
+    from p2pd.lab.procs import free_port
+
+    image = build_image(tmp_path / "image", [3 * MiB], seed=8)
+    push_image(image, registry.host, "swarm/mdns")
+    layer = image.layers[0]
+    service = f"p2pdt{_random.randrange(10**8):08d}"  # this test's own service name
+    spec = f"mdns:{service}@127.0.0.1"
+    common = {"registries": {registry.host: registry.url}, "default_registry": registry.host}
+    with P2pd.start(tmp_path / "a", peer_port=free_port(), node_id="mdns-a",
+                    extra=["--peers", spec], **common) as a, \
+            P2pd.start(tmp_path / "b", peer_port=free_port(), node_id="mdns-b",
+                       extra=["--peers", spec], **common) as b:
+        deadline = time.monotonic() + 20
+        while not (a.metric("p2pd_peers", state="alive") == 1 ==
+                   b.metric("p2pd_peers", state="alive")):
+            assert time.monotonic() < deadline, "the daemons never saw each other"
+            time.sleep(0.2)
+        url = f"/v2/swarm/mdns/blobs/{layer.digest}?ns={registry.host}"
+        truth = image.blob_path(layer.digest).read_bytes()
+        assert httpx.get(a.url + url, trust_env=False, timeout=30).content == truth
+        assert httpx.get(b.url + url, trust_env=False, timeout=30).content == truth
+        assert b.metric("p2pd_blob_bytes_fetched_total", source="peer") == layer.size
