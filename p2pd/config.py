@@ -42,6 +42,18 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def parse_rate(text: str | int) -> int:
+    """Parse a rate in bytes per second: ``100MB``, ``1.5GiB/s``, ``1Gbit`` (bits ÷ 8)."""
+    if isinstance(text, int):
+        return text
+    value = str(text).strip()
+    if value.lower().endswith("/s"):
+        value = value[:-2]
+    if value.lower().endswith("bit"):
+        return parse_size(value[:-3] or "1") // 8
+    return parse_size(value)
+
+
 def parse_hostport(text: str) -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
     if not isinstance(text, str):
@@ -87,6 +99,10 @@ class DaemonConfig:
     node_id: str | None = None
     cluster_secret_file: Path | None = None
     peers: str | None = None
+    upload_limit: int | None = None
+    download_limit: int | None = None
+    upstream_limit: int | None = None
+    max_uploads: int = 16
 
     def cluster_secret(self) -> bytes | None:
         """The cluster secret's bytes (surrounding whitespace dropped), or ``None``."""
@@ -181,6 +197,22 @@ def _peers(text: Any) -> str:
     return spec
 
 
+def _positive_rate(text: Any) -> int:
+    rate = parse_rate(text)
+    if rate <= 0:
+        raise ConfigError(f"rate {text!r} must be positive")
+    return rate
+
+
+def _positive_int(text: Any) -> int:
+    if isinstance(text, bool):
+        raise ConfigError(f"{text!r} is not a whole number")
+    value = int(text)
+    if value <= 0:
+        raise ConfigError(f"{text!r} must be at least 1")
+    return value
+
+
 def _node_id(text: Any) -> str:
     value = str(text)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", value):
@@ -226,6 +258,14 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "record of a headless Service, re-resolved every 10 s) or mdns (zeroconf on a "
            "flat network; mdns:SERVICE@ADDR,... to pick the service name and interfaces)",
            _peers, metavar="SPEC"),
+    Option("upload-limit", "most bytes per second sent to peers, e.g. 100MB or 1Gbit "
+           "(default: no limit)", _positive_rate, metavar="RATE"),
+    Option("download-limit", "most bytes per second received from peers (default: no "
+           "limit)", _positive_rate, metavar="RATE"),
+    Option("upstream-limit", "most bytes per second fetched from upstream registries "
+           "(default: no limit)", _positive_rate, metavar="RATE"),
+    Option("max-uploads", "pieces sent to peers at the same time, at most (default 16); "
+           "further requests are refused as busy", _positive_int, metavar="N"),
     Option("cluster-secret-file", "file holding a shared secret (≥ 16 bytes); peers that "
            "cannot prove they know it get nothing", Path, metavar="FILE"),
 )

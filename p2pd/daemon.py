@@ -28,6 +28,7 @@ from p2pd.io.mirror import Mirror
 from p2pd.io.peer import PeerService
 from p2pd.io.store import DiskStore
 from p2pd.io.swarm import Swarm
+from p2pd.io.throttle import Throttle
 from p2pd.io.upstream import Upstreams
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ async def run_daemon(
                 peers = PeerService(node_id, config.cluster_secret(), blobs.piece_for_peer,
                                     on_bytes_uploaded=metrics.peer_bytes_uploaded.inc,
                                     on_protocol_error=metrics.peer_protocol_errors.inc,
-                                    coordinator=swarm)
+                                    coordinator=swarm, upload=Throttle(config.upload_limit),
+                                    max_uploads=config.max_uploads)
                 await nursery.start(peers.serve, peer_listeners)
                 log.info("p2pd peer port on %s as node %s", _address(peer_listeners), node_id)
             await nursery.start(serve_http, listeners, mirror.handle)
@@ -122,7 +124,8 @@ async def _start_swarm(
     swarm = Swarm(node_id=node_id, addr=addr, secret=config.cluster_secret(),
                   membership=membership, rng=random.SystemRandom(), nursery=nursery,
                   on_peer_bytes=lambda n: None, on_blame=metrics.blamed_peers.inc,
-                  on_request=lambda kind: metrics.coordinator_requests.labels(kind).inc())
+                  on_request=lambda kind: metrics.coordinator_requests.labels(kind).inc(),
+                  download=Throttle(config.download_limit))
     blobs.swarm = swarm
 
     async def announce_cached() -> None:

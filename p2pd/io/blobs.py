@@ -313,6 +313,7 @@ class BlobService:
         chunks: list[bytes] = []
         have, index = 0, first
         async for chunk in response.aiter_raw():
+            await self.upstreams.throttle.moved(len(chunk))
             if skip:
                 cut = min(skip, len(chunk))
                 chunk, skip = chunk[cut:], skip - cut
@@ -369,6 +370,7 @@ class BlobService:
             chunks: list[bytes] = []
             have = 0
             async for chunk in response.aiter_raw():
+                await self.upstreams.throttle.moved(len(chunk))
                 chunks.append(chunk)
                 have += len(chunk)
                 while index < layout.count and have >= layout.length(index):

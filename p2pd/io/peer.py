@@ -24,6 +24,7 @@ import trio
 from p2pd.core.auth import Role
 from p2pd.core.messages import (
     ERROR_PROTOCOL,
+    REFUSE_BUSY,
     REFUSE_MISSING,
     Announce,
     Error,
@@ -40,10 +41,13 @@ from p2pd.core.messages import (
 )
 from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel
 from p2pd.errors import P2PError, ProtocolError, RemoteProtocolError
+from p2pd.io.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+BUSY_AFTER = 1.0
+"""A piece request that waits this long for an upload slot is refused as busy."""
 IDLE_TIMEOUT = 300.0
 
 PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
@@ -85,6 +89,9 @@ class PeerService:
     on_bytes_uploaded: Callable[[int], None] = lambda n: None
     on_protocol_error: Callable[[], None] = lambda: None
     coordinator: Coordinating | None = None
+    upload: Throttle = field(default_factory=lambda: Throttle(None))
+    max_uploads: int = 16
+    _slots: trio.Semaphore | None = None
 
     async def serve(
         self,
@@ -129,21 +136,48 @@ class PeerService:
                 await stream.send_all(pending)
             assert not isinstance(event, Sentinel)
             hello = conn.peer_hello
+            if isinstance(event, Request):
+                await self._upload(conn, stream, event)
+                continue
             reply = await self._reply(hello.node_id if hello else "?", event)
             if reply is not None:
                 await stream.send_all(conn.send(reply))
 
+    async def _upload(
+        self, conn: PeerConnection, stream: trio.SocketStream, request: Request
+    ) -> None:
+        """Answer a piece request within the upload slots and the upload rate."""
+        if self._slots is None:
+            self._slots = trio.Semaphore(self.max_uploads)
+        slot = False
+        with trio.move_on_after(BUSY_AFTER):  # only the wait for a slot may time out
+            await self._slots.acquire()
+            slot = True
+        if not slot:
+            self.stats.refusals += 1
+            await stream.send_all(conn.send(Refuse(request.request_id, request.digest,
+                                                   request.size, request.index, REFUSE_BUSY)))
+            return
+        try:
+            reply = await self._piece(request)
+            await stream.send_all(conn.send(reply))
+            if isinstance(reply, Piece):
+                await self.upload.moved(len(reply.data))
+        finally:
+            self._slots.release()
+
+    async def _piece(self, message: Request) -> Piece | Refuse:
+        data = await self.pieces(message.digest, message.size, message.index)
+        if data is None:
+            self.stats.refusals += 1
+            return Refuse(message.request_id, message.digest, message.size, message.index,
+                          REFUSE_MISSING)
+        self.stats.pieces_served += 1
+        self.stats.bytes_served += len(data)
+        self.on_bytes_uploaded(len(data))
+        return Piece(message.request_id, message.digest, message.size, message.index, data)
+
     async def _reply(self, peer_id: str, message: Message) -> Message | None:
-        if isinstance(message, Request):
-            data = await self.pieces(message.digest, message.size, message.index)
-            if data is None:
-                self.stats.refusals += 1
-                return Refuse(message.request_id, message.digest, message.size, message.index,
-                              REFUSE_MISSING)
-            self.stats.pieces_served += 1
-            self.stats.bytes_served += len(data)
-            self.on_bytes_uploaded(len(data))
-            return Piece(message.request_id, message.digest, message.size, message.index, data)
         if isinstance(message, Ping):
             return Pong(message.token)
         if self.coordinator is not None:
@@ -165,13 +199,16 @@ class PeerService:
 
 
 async def _next_event(
-    conn: PeerConnection, stream: trio.abc.ReceiveStream
+    conn: PeerConnection, stream: trio.abc.ReceiveStream, throttle: Throttle | None = None
 ) -> Message | Sentinel:
     while True:
         event = conn.next_event()
         if event is not NEED_DATA:
             return event
-        conn.receive_data(bytes(await stream.receive_some(MAX_FEED)))
+        data = bytes(await stream.receive_some(MAX_FEED))
+        conn.receive_data(data)
+        if throttle is not None:
+            await throttle.moved(len(data))
 
 
 async def _send_error(
@@ -194,8 +231,12 @@ def _peer_name(stream: trio.SocketStream) -> str:
 class PeerLink:
     """Our connection to one peer: send requests, await their answers."""
 
-    def __init__(self, conn: PeerConnection, stream: trio.SocketStream, addr: str) -> None:
+    def __init__(
+        self, conn: PeerConnection, stream: trio.SocketStream, addr: str,
+        download: Throttle | None = None,
+    ) -> None:
         self.addr = addr
+        self._download = download
         self._conn = conn
         self._stream = stream
         self._send_lock = trio.Lock()
@@ -257,7 +298,7 @@ class PeerLink:
     async def _read(self) -> None:
         try:
             while True:
-                event = await _next_event(self._conn, self._stream)
+                event = await _next_event(self._conn, self._stream, self._download)
                 if event is CLOSED:
                     self._failure = PeerUnavailable("closed")
                     break
@@ -286,7 +327,7 @@ class PeerLink:
 @asynccontextmanager
 async def open_peer_link(
     addr: str, node_id: str, secret: bytes | None, *, rng: random.Random | None = None,
-    timeout: float = HANDSHAKE_TIMEOUT,
+    timeout: float = HANDSHAKE_TIMEOUT, download: Throttle | None = None,
 ) -> AsyncIterator[PeerLink]:
     """Connect to the peer at ``addr`` (``HOST:PORT``) and complete the handshake.
 
@@ -309,7 +350,7 @@ async def open_peer_link(
                                           f"{getattr(event, 'message', 'closed')}")
     except (OSError, trio.TooSlowError, RemoteProtocolError) as exc:
         raise PeerUnavailable(f"peer {addr}: {exc}") from exc
-    link = PeerLink(conn, stream, addr)
+    link = PeerLink(conn, stream, addr, download)
     async with stream, trio.open_nursery() as nursery:
         nursery.start_soon(link._read)
         try:

@@ -28,17 +28,22 @@ from p2pd.core.bitfield import pack_bitfield, unpack_bitfield
 from p2pd.core.coordinator import Coordinator
 from p2pd.core.membership import Member, Membership, coordinator_for
 from p2pd.core.messages import (
+    REFUSE_BUSY,
     Announce,
     Holder,
     Lease,
     LeaseGrant,
     Lookup,
     Peers,
+    Piece,
+    Refuse,
+    Request,
 )
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.scheduler import FetchUpstream, RequestPiece, Scheduler
 from p2pd.errors import P2PError
 from p2pd.io.peer import PeerLink, PeerUnavailable, open_peer_link
+from p2pd.io.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,7 @@ class Swarm:
         on_peer_bytes: Callable[[int], None] = lambda n: None,
         on_blame: Callable[[], None] = lambda: None,
         on_request: Callable[[str], None] = lambda kind: None,
+        download: Throttle | None = None,
     ) -> None:
         self.node_id = node_id
         self.addr = addr
@@ -104,6 +110,7 @@ class Swarm:
         self._on_peer_bytes = on_peer_bytes
         self._on_blame = on_blame
         self._on_request = on_request
+        self.download = download
         self.held: dict[str, BlobState] = {}
 
     # -- the coordinator side (called by the peer port) ---------------------------------
@@ -165,7 +172,8 @@ class Swarm:
         self, addr: str, *, task_status: trio.TaskStatus[PeerLink] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            async with open_peer_link(addr, self.node_id, self.secret, rng=self.rng) as link:
+            async with open_peer_link(addr, self.node_id, self.secret, rng=self.rng,
+                                      download=self.download) as link:
                 self._links[addr] = link
                 task_status.started(link)
                 await link.closed.wait()
@@ -331,15 +339,18 @@ class _Fetch:
         expected = self.state.hashes[index]
         try:
             link = await self.swarm._link(self.addrs[peer_id])
-            data = await link.request_piece(self.digest, self.size, index)
+            answer = await link.call(lambda rid: Request(rid, self.digest, self.size, index))
         except PeerUnavailable as exc:
             log.info("blob %s: peer %s unavailable: %s", self.digest[7:19], peer_id, exc)
             self.sched.peer_gone(peer_id, trio.current_time())
             self._poke()
             return
         now = trio.current_time()
+        data = answer.data if isinstance(answer, Piece) else None
+        busy = isinstance(answer, Refuse) and answer.reason == REFUSE_BUSY
         if data is None or expected is None:
-            self.refused.setdefault(peer_id, set()).add(index)
+            if not busy:  # a busy peer may serve it later; a missing piece stays missing
+                self.refused.setdefault(peer_id, set()).add(index)
             self.sched.refused(peer_id, index, now)
         elif not await self.store(index, data, "peer"):  # checks it against the table
             log.warning("blob %s: piece %d from %s failed its hash; blamed", self.digest[7:19],

@@ -17,6 +17,7 @@ import httpx
 from p2pd.config import DaemonConfig, RegistryConfig
 from p2pd.errors import UpstreamError
 from p2pd.io.metrics import Metrics
+from p2pd.io.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Upstreams:
         self._config = config
         self._metrics = metrics
         self._clients: dict[str, tuple[RegistryConfig, httpx.AsyncClient]] = {}
+        self.throttle = Throttle(config.upstream_limit)
+        """The ``--upstream-limit`` on blob bytes from every registry together."""
 
     def settings(self, host: str) -> RegistryConfig:
         """The configuration used for registry ``host``."""

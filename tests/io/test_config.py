@@ -103,6 +103,10 @@ SAMPLES: dict[str, tuple[str, Callable[[DaemonConfig], Any], Any]] = {
     "node-id": ("node-7.example", lambda c: c.node_id, "node-7.example"),
     "cluster-secret-file": ("/etc/p2pd/secret", lambda c: c.cluster_secret_file,
                             Path("/etc/p2pd/secret")),
+    "upload-limit": ("100MB/s", lambda c: c.upload_limit, 100_000_000),
+    "download-limit": ("1Gbit", lambda c: c.download_limit, 125_000_000),
+    "upstream-limit": ("50MiB", lambda c: c.upstream_limit, 50 * (1 << 20)),
+    "max-uploads": ("4", lambda c: c.max_uploads, 4),
     "peers": ("static:10.0.0.1:5002,10.0.0.2:5002", lambda c: c.peers,
               "static:10.0.0.1:5002,10.0.0.2:5002"),
 }
