@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -463,6 +464,12 @@ class BlobService:
         table = self.tables.get(digest)
         if table is None or table.size != size or index >= table.layout.count:
             return None
+        region = self.store.trusted_region(table, index)
+        if region is not None:  # known good: a read from the page cache, no hash
+            try:
+                return os.pread(region.fd, region.length, 0)
+            finally:
+                region.close()
         try:
             return await trio.to_thread.run_sync(self.store.known_good_piece, table, index)
         except (CorruptPiece, FileNotFoundError):

@@ -47,7 +47,7 @@ from p2pd.io.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
-LOOKUP_INTERVAL = 0.5
+LOOKUP_INTERVAL = 0.25
 LEASE_RETRY = 1.0
 ANNOUNCE_DELAY = 0.1
 REANNOUNCE = 20.0
