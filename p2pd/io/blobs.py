@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 
 import httpx
 import trio
@@ -25,6 +24,8 @@ from p2pd.core.digest import Digest
 from p2pd.core.lru import LruPolicy
 from p2pd.core.pieces import PieceLayout
 from p2pd.errors import CorruptPiece, DigestMismatch, P2PError, UpstreamError
+from p2pd.io.bodies import cut_into_pieces
+from p2pd.io.download import Download, DownloadFailed, Pending
 from p2pd.io.metrics import Metrics
 from p2pd.io.sink import InOrderHash, PieceSink
 from p2pd.io.store import DiskStore, FileRegion, PieceTable
@@ -35,89 +36,7 @@ log = logging.getLogger(__name__)
 
 UPSTREAM_ATTEMPTS = 4
 RETRY_DELAY = 0.5
-RECENT_BYTES = 4 << 20
 STORE_AHEAD = 3
-
-
-class DownloadFailed(P2PError):
-    """The download a reader was waiting on failed; the reason is chained."""
-
-
-@dataclass
-class Download:
-    """A blob being fetched; readers wait for its pieces with :meth:`wait_piece`."""
-
-    digest: Digest
-    layout: PieceLayout
-    hashes: list[bytes | None] = field(default_factory=list)
-    published: list[bool] = field(default_factory=list)
-    error: BaseException | None = None
-    bytes_by_source: dict[str, int] = field(default_factory=dict)
-    # The newest pieces stay in memory, so readers keeping pace with the download get
-    # them without reading and hashing the file again.
-    recent: dict[int, bytes] = field(default_factory=dict)
-    recent_bytes: int = 0
-    _changed: trio.Event = field(default_factory=trio.Event)
-    done: trio.Event = field(default_factory=trio.Event)
-
-    def __post_init__(self) -> None:
-        self.hashes = [None] * self.layout.count
-        self.published = [False] * self.layout.count
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def publish(self, index: int) -> None:
-        self.published[index] = True
-        self._notify()
-
-    def remember(self, index: int, data: bytes) -> None:
-        """Keep piece ``index`` in memory for readers, within :data:`RECENT_BYTES`."""
-        self.recent[index] = data
-        self.recent_bytes += len(data)
-        while self.recent_bytes > RECENT_BYTES and len(self.recent) > 1:
-            oldest = min(self.recent)
-            self.recent_bytes -= len(self.recent.pop(oldest))
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._notify()
-        self.done.set()
-
-    async def wait_piece(self, index: int) -> bytes:
-        """Wait until piece ``index`` may be served; return its sha256."""
-        while True:
-            if self.error is not None:
-                raise DownloadFailed(f"download of {self.digest.short} failed") from self.error
-            digest = self.hashes[index]
-            if self.published[index] and digest is not None:
-                return digest
-            await self._changed.wait()
-
-
-class Pending:
-    """The outcome of a piece read running in the background."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.value: bytes | FileRegion | None = None
-        self.error: Exception | None = None
-        self.discarded = False
-
-    async def result(self) -> bytes | FileRegion:
-        await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.value is not None
-        return self.value
-
-    def discard(self) -> None:
-        """Nobody will take the result: release it (now or when it arrives)."""
-        self.discarded = True
-        if isinstance(self.value, FileRegion):
-            self.value.close()
-            self.value = None
 
 
 class BlobService:
@@ -310,29 +229,15 @@ class BlobService:
     ) -> None:
         if response.status_code not in (200, 206):
             raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
-        skip = start if response.status_code == 200 else 0
-        chunks: list[bytes] = []
-        have, index = 0, first
-        async for chunk in response.aiter_raw():
-            await self.upstreams.throttle.moved(len(chunk))
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            chunks.append(chunk)
-            have += len(chunk)
-            while index < stop and have >= layout.length(index):
-                joined = b"".join(chunks)
-                length = layout.length(index)
-                rest = joined[length:]
-                chunks, have = ([rest] if rest else []), len(rest)
-                await room.acquire()
-                nursery.start_soon(_stored_aside, room, on_piece, index,
-                                   joined[:length] if rest else joined, failures)
-                index += 1
-            if index == stop or failures:
-                break
-        if index < stop and not failures:
-            raise UpstreamError(f"upstream range ended at piece {index} of {first}-{stop}")
+
+        async def aside(index: int, data: bytes) -> None:
+            await room.acquire()
+            nursery.start_soon(_stored_aside, room, on_piece, index, data, failures)
+
+        await cut_into_pieces(response, layout, first, stop,
+                              skip=start if response.status_code == 200 else 0,
+                              throttle=self.upstreams.throttle, on_piece=aside, whole=False,
+                              stop_early=lambda: bool(failures))
 
     async def _fetch_pieces(
         self, dl: Download, sink: PieceSink, registry: str, name: str,
@@ -362,35 +267,16 @@ class BlobService:
         headers: list[tuple[str, str]],
     ) -> int:
         """Read pieces from one upstream response starting at ``index``; return the next."""
-        layout = dl.layout
         response = await self.upstreams.send(registry, "GET", path, headers, kind="blob")
         try:
             expected = 206 if index else 200
             if response.status_code != expected:
                 raise UpstreamError(f"upstream answered {response.status_code} to a blob GET")
-            chunks: list[bytes] = []
-            have = 0
-            async for chunk in response.aiter_raw():
-                await self.upstreams.throttle.moved(len(chunk))
-                chunks.append(chunk)
-                have += len(chunk)
-                while index < layout.count and have >= layout.length(index):
-                    # One join per piece: the only copy the bytes take on the way in.
-                    joined = b"".join(chunks)
-                    length = layout.length(index)
-                    rest = joined[length:]
-                    chunks, have = ([rest] if rest else []), len(rest)
-                    await sink.put(index, joined[:length] if rest else joined)
-                    index += 1
-                if index == layout.count and have:
-                    raise DigestMismatch(f"upstream sent more than {layout.size} bytes")
-            if index < layout.count:
-                raise UpstreamError(f"upstream stream ended at piece {index}/{layout.count}")
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"upstream stream broke: {exc!r}") from exc
+            return await cut_into_pieces(response, dl.layout, index, dl.layout.count,
+                                         throttle=self.upstreams.throttle, on_piece=sink.put,
+                                         whole=True)
         finally:
             await response.aclose()
-        return index
 
     def _stored(self, dl: Download, index: int, data: bytes, digest: bytes) -> None:
         """A piece fetched from upstream is on disk: let readers have it."""

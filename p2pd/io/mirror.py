@@ -25,7 +25,8 @@ from p2pd.core.oci import AccessGrants, Route, error_body, error_for, parse_targ
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.ranges import ByteRange, parse_range
 from p2pd.errors import CorruptPiece, InvalidRequest, RangeNotSatisfiable, UpstreamError
-from p2pd.io.blobs import BlobService, Download, DownloadFailed, Pending
+from p2pd.io.blobs import BlobService
+from p2pd.io.download import Download, DownloadFailed, Pending
 from p2pd.io.http import Request, ResponseAborted, ResponseWriter
 from p2pd.io.metrics import Metrics
 from p2pd.io.store import FileRegion

@@ -13,6 +13,7 @@ from p2pd.lab.images import (
     manifest_digest,
     push_image,
 )
+from p2pd.lab.netns import Lan, Node, NsP2pd, NsRegistry, netns_unavailable, start_registry
 from p2pd.lab.procs import Proc, free_port, missing_bins, wait_http
 from p2pd.lab.proxy import TcpProxy, TokenBucket
 from p2pd.lab.registry import Registry
@@ -22,6 +23,10 @@ __all__ = [
     "Containerd",
     "CtrError",
     "Image",
+    "Lan",
+    "Node",
+    "NsP2pd",
+    "NsRegistry",
     "Proc",
     "PushedImage",
     "Registry",
@@ -31,6 +36,8 @@ __all__ = [
     "free_port",
     "manifest_digest",
     "missing_bins",
+    "netns_unavailable",
     "push_image",
+    "start_registry",
     "wait_http",
 ]
