@@ -327,12 +327,15 @@ def bench_pieces(
         raw_tcp_copy(blob.size)
         os.sync()  # no writeback of the fill during the measurements
 
-        speed: dict[str, list[float]] = {"seq": [], "par": [], "raw": []}
+        speed: dict[str, list[float]] = {"seq": [], "par": [], "raw": [], "http": []}
         a_cpu: dict[str, list[float]] = {"seq": [], "par": []}
         runs = {
             "seq": lambda: request_pieces(peer_a, blob.digest, blob.size, 1),
             "par": lambda: request_pieces(peer_a, blob.digest, blob.size, inflight),
             "raw": lambda: raw_tcp_copy(blob.size),
+            # The same cached bytes from A over HTTP (its mirror port, sendfile): the
+            # alternative to msgpack frames for bulk piece bytes, measured in this run.
+            "http": lambda: checked_get(via_a, blob.size, "HTTP GET on A").mib_s,
         }
         names = list(runs)
         for rnd in range(repeat):
@@ -374,6 +377,7 @@ def bench_pieces(
             "seq_mib_s": speed["seq"], "par_mib_s": speed["par"], "raw_mib_s": speed["raw"],
             "seq_median": median(speed["seq"]), "par_median": median(speed["par"]),
             "raw_median": median(speed["raw"]),
+            "http_mib_s": speed["http"], "http_median": median(speed["http"]),
             "a_cpu_s_seq": a_cpu["seq"], "a_cpu_s_par": a_cpu["par"],
             "a_uploaded_bytes": served,
             "d2d_mib_s": d2d["b"], "registry_mib_s": d2d["direct"],
@@ -609,6 +613,8 @@ def report(res: Results) -> str:
                 p["raw_median"], PIECE_TARGET),
             row(f"peer REQUEST from A, {p['inflight']} in flight  vs raw TCP",
                 p["par_median"], p["raw_median"], PIECE_TARGET),
+            row("same bytes from A over HTTP (sendfile)  vs raw TCP", p["http_median"],
+                p["raw_median"], None),
             row("GET on B's mirror (B <- A)  vs GET on registry", p["d2d_median"],
                 p["registry_median"], None),
             "",
