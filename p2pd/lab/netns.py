@@ -50,14 +50,13 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pd.lab.daemon import P2pd
-from p2pd.lab.procs import Proc, wait_http
+from p2pd.lab.procs import Proc, StopOnExit, wait_http
 from p2pd.lab.registry import REGISTRY_BIN, Registry, registry_config
 
 log = logging.getLogger(__name__)
@@ -280,7 +279,7 @@ class Node:
         return f"<Node {self.name} {self.ip} netns={self.netns}>"
 
 
-class Lan:
+class Lan(StopOnExit):
     """A bridge in its own namespace and nodes in theirs; a context manager.
 
     ``workdir`` is where logs may go (a temporary directory by default, removed on
@@ -388,15 +387,8 @@ class Lan:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
+        """Same as :meth:`close` (leaving a ``with`` block calls it)."""
         self.close()
 
     def __repr__(self) -> str:
