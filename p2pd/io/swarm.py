@@ -342,6 +342,7 @@ class _Fetch:
             answer = await link.call(lambda rid: Request(rid, self.digest, self.size, index))
         except PeerUnavailable as exc:
             log.info("blob %s: peer %s unavailable: %s", self.digest[7:19], peer_id, exc)
+            self.swarm.membership.failed(self.addrs[peer_id], trio.current_time())
             self.sched.peer_gone(peer_id, trio.current_time())
             self._poke()
             return
