@@ -40,6 +40,7 @@ from p2pd.core.messages import (
     Request,
 )
 from p2pd.core.peerscore import PeerScores
+from p2pd.core.pieces import PieceLayout, piece_size_for
 from p2pd.core.scheduler import FetchUpstream, RequestPiece, Scheduler
 from p2pd.errors import P2PError
 from p2pd.io.peer import PeerLink, PeerUnavailable, open_peer_link
@@ -76,14 +77,8 @@ class BlobState:
     def announce(self, addr: str) -> Announce:
         held = sorted(self.held)
         table = b"".join(self.hashes[i] or ZERO for i in held)
-        return Announce(self.digest, self.size, _piece_size(self.size),
+        return Announce(self.digest, self.size, piece_size_for(self.size),
                         pack_bitfield(held, self.count), len(held) == self.count, addr, table)
-
-
-def _piece_size(size: int) -> int:
-    from p2pd.core.pieces import piece_size_for
-
-    return piece_size_for(size)
 
 
 class Swarm:
@@ -239,8 +234,6 @@ class _Fetch:
         self, swarm: Swarm, digest: str, size: int, store: StorePiece,
         fetch_range: FetchRange, state: BlobState,
     ) -> None:
-        from p2pd.core.pieces import PieceLayout
-
         self.swarm, self.digest, self.size = swarm, digest, size
         self.layout = PieceLayout.for_size(size)
         self.store, self.fetch_range, self.state = store, fetch_range, state
@@ -408,8 +401,6 @@ class _Fetch:
 
 
 def _count(size: int) -> int:
-    from p2pd.core.pieces import PieceLayout
-
     return PieceLayout.for_size(size).count
 
 
