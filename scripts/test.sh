@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"
-.venv/bin/ruff check p2pd tests
+.venv/bin/ruff check p2pd tests simulations benchmarks
 echo "== mypy --strict"
-.venv/bin/mypy p2pd
+.venv/bin/mypy
 echo "== pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

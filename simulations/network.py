@@ -1,0 +1,270 @@
+"""A flow-level network: hosts with upload/download capacity, transfers sharing it fairly.
+
+How it works. Every host has two resources, its uplink and its downlink (bytes/s; the
+registry is a host with a finite uplink, its egress, and an unlimited downlink). A
+transfer is a *flow* from ``src`` to ``dst``: it uses ``src``'s uplink and ``dst``'s
+downlink, and moves at a rate the model assigns. Packets, TCP dynamics and the core
+network are not modelled: the access links are the bottleneck, as on a cluster whose
+fabric is faster than its nodes' NICs and the registry's egress.
+
+Rates are max-min fair, computed by *progressive filling*: all flows grow at the same
+speed; when a resource is full its flows freeze at their share and the others go on.
+Rates change only when a flow starts or ends. Then each flow's progress is brought up to
+date, its new rate set and its finish time rescheduled (the old timer is cancelled).
+
+Which flows are recomputed (``exact=False``, the default): the flows on the resources
+whose set of flows changed (the *region*: the uplink of the flow's source and the
+downlink of its destination, for each flow that started or ended). Resources further
+out keep the rates of their other flows frozen and offer the region only what those
+leave free (``capacity - frozen rates``, kept as a running sum per resource), so
+capacity is never oversubscribed. The cost per change is O(k log k) for the k flows on
+the two endpoints (bounded by upload slots and in-flight limits, ~100), independent of
+the number of hosts and flows. The approximation: capacity freed two hops away (a flow
+in the region slowed down, leaving room on its *other* end) is not handed out until
+something changes on that resource — usually within one piece time in a busy swarm.
+Changes at one instant are batched: starts and ends mark resources dirty and one
+recomputation runs after the other events of that instant (a zero-delay event).
+
+``exact=True`` recomputes every flow on each change: exact max-min (O(F log F) per
+change for F flows), for tests and for checking the local model on small runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from simulations.engine import Engine, Timer
+
+_EPSILON = 1e-9  # relative: rates this close are taken as unchanged
+
+
+class Resource:
+    """One direction of a host's access link: a capacity and the flows through it."""
+
+    __slots__ = ("capacity", "flows", "name", "total")
+
+    def __init__(self, name: str, capacity: float) -> None:
+        if not capacity > 0:
+            raise ValueError(f"capacity of {name} must be positive")
+        self.name = name
+        self.capacity = capacity
+        self.flows: dict[Flow, None] = {}  # insertion-ordered: deterministic
+        self.total = 0.0  # sum of the rates of ``flows``
+
+
+class Host:
+    """A node or the registry: uplink, downlink and the one-way latency of its link."""
+
+    __slots__ = ("down", "latency", "name", "up")
+
+    def __init__(self, name: str, up: float, down: float, latency: float) -> None:
+        if latency < 0:
+            raise ValueError("latency cannot be negative")
+        self.name = name
+        self.up = Resource(f"{name}/up", up)
+        self.down = Resource(f"{name}/down", down)
+        self.latency = latency
+
+
+class Flow:
+    """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
+
+    __slots__ = ("done", "dst", "on_done", "rate", "remaining", "since", "size", "src",
+                 "tag", "timer")
+
+    def __init__(self, src: Host, dst: Host, size: int, tag: str,
+                 on_done: Callable[[], None], now: float) -> None:
+        self.src, self.dst, self.size, self.tag, self.on_done = src, dst, size, tag, on_done
+        self.remaining = float(size)
+        self.rate = 0.0
+        self.since = now  # when ``remaining`` was last brought up to date
+        self.timer: Timer | None = None
+        self.done = False
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkStatistics:
+    """Bytes delivered by tag (``bytes_by_tag``), flows and recomputation work so far."""
+
+    bytes_by_tag: dict[str, int]
+    bytes_started: int
+    bytes_wasted: int  # moved by flows that were cancelled
+    flows_started: int
+    flows_completed: int
+    flows_cancelled: int
+    active: int
+    recomputes: int
+    flows_recomputed: int
+
+
+class Network:
+    """The hosts of a run and the flows between them, on ``engine``'s clock."""
+
+    def __init__(self, engine: Engine, *, exact: bool = False) -> None:
+        self.engine = engine
+        self.exact = exact
+        self.hosts: dict[str, Host] = {}
+        self._flows: dict[Flow, None] = {}
+        self._dirty: dict[Resource, None] = {}
+        self._reflow: Timer | None = None
+        self._bytes: Counter[str] = Counter()
+        self._started = self._wasted = 0
+        self._counts = [0, 0, 0]  # started, completed, cancelled
+        self._recomputes = self._recomputed = 0
+
+    def add_host(self, name: str, *, up: float, down: float = math.inf,
+                 latency: float = 0.0) -> Host:
+        """A new host with uplink ``up`` and downlink ``down`` bytes/s."""
+        if name in self.hosts:
+            raise ValueError(f"host {name} exists")
+        host = self.hosts[name] = Host(name, up, down, latency)
+        return host
+
+    def latency(self, src: Host, dst: Host) -> float:
+        """One-way latency from ``src`` to ``dst`` (both access links; zero to itself)."""
+        return 0.0 if src is dst else src.latency + dst.latency
+
+    def transfer(self, src: Host, dst: Host, size: int, on_done: Callable[[], None], *,
+                 tag: str) -> Flow:
+        """Start moving ``size`` bytes now; ``on_done`` runs when the last byte has
+        arrived (finish time plus the one-way latency). ``tag`` labels the bytes."""
+        if size <= 0:
+            raise ValueError("a flow moves at least one byte")
+        if math.isinf(src.up.capacity) and math.isinf(dst.down.capacity):
+            raise ValueError("a flow needs a finite uplink or downlink")
+        flow = Flow(src, dst, size, tag, on_done, self.engine.now)
+        self._flows[flow] = None
+        src.up.flows[flow] = None
+        dst.down.flows[flow] = None
+        self._started += size
+        self._counts[0] += 1
+        self._touch(flow)
+        return flow
+
+    def cancel(self, flow: Flow) -> None:
+        """Stop ``flow`` (its ``on_done`` never runs); the bytes moved count as wasted."""
+        if flow.done:
+            return
+        self._progress(flow)
+        self._wasted += flow.size - max(0, math.ceil(flow.remaining))
+        self._counts[2] += 1
+        self._remove(flow)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _touch(self, flow: Flow) -> None:
+        self._dirty[flow.src.up] = None
+        self._dirty[flow.dst.down] = None
+        if self._reflow is None:
+            self._reflow = self.engine.schedule(0.0, self._recompute)
+
+    def _remove(self, flow: Flow) -> None:
+        flow.done = True
+        if flow.timer is not None:
+            flow.timer.cancel()
+        del self._flows[flow]
+        for resource in (flow.src.up, flow.dst.down):
+            del resource.flows[flow]
+            resource.total = resource.total - flow.rate if resource.flows else 0.0
+        self._touch(flow)
+
+    def _progress(self, flow: Flow) -> None:
+        now = self.engine.now
+        flow.remaining -= flow.rate * (now - flow.since)
+        flow.since = now
+
+    def _finish(self, flow: Flow) -> None:
+        self._progress(flow)
+        self._bytes[flow.tag] += flow.size
+        self._counts[1] += 1
+        self._remove(flow)
+        delay = self.latency(flow.src, flow.dst)
+        if delay:
+            self.engine.schedule(delay, flow.on_done)
+        else:
+            flow.on_done()
+
+    def _recompute(self) -> None:
+        self._reflow = None
+        dirty, self._dirty = self._dirty, {}
+        if self.exact:
+            region = list(self._flows)
+        else:
+            picked: dict[Flow, None] = {}
+            for resource in dirty:
+                picked.update(resource.flows)
+            region = list(picked)
+        if not region:
+            return
+        self._recomputes += 1
+        self._recomputed += len(region)
+        rates = max_min_rates(region)
+        now = self.engine.now
+        for flow, rate in zip(region, rates, strict=True):
+            old = flow.rate
+            if flow.timer is not None and abs(rate - old) <= _EPSILON * max(rate, old):
+                continue  # same rate: the finish timer stands
+            self._progress(flow)
+            flow.rate = rate
+            flow.src.up.total += rate - old
+            flow.dst.down.total += rate - old
+            if flow.timer is not None:
+                flow.timer.cancel()
+                flow.timer = None
+            if rate > 0:
+                eta = max(flow.remaining, 0.0) / rate
+                flow.timer = self.engine.schedule_at(now + eta, partial(self._finish, flow))
+
+    def statistics(self) -> NetworkStatistics:
+        """Bytes and flow counts so far."""
+        return NetworkStatistics(
+            bytes_by_tag=dict(sorted(self._bytes.items())), bytes_started=self._started,
+            bytes_wasted=self._wasted, flows_started=self._counts[0],
+            flows_completed=self._counts[1], flows_cancelled=self._counts[2],
+            active=len(self._flows), recomputes=self._recomputes,
+            flows_recomputed=self._recomputed,
+        )
+
+
+def max_min_rates(region: list[Flow]) -> list[float]:
+    """Max-min fair rates for ``region`` by progressive filling, with every flow outside
+    it frozen at its current rate (each resource offers the region what they leave)."""
+    avail: dict[Resource, float] = {}
+    members: dict[Resource, list[int]] = {}
+    for i, flow in enumerate(region):
+        for resource in (flow.src.up, flow.dst.down):
+            if resource not in members:
+                members[resource] = []
+                avail[resource] = resource.capacity - resource.total
+            members[resource].append(i)
+            avail[resource] += flow.rate  # the region's own rates are up for grabs
+    unfrozen = {r: len(m) for r, m in members.items()}
+    order = {r: k for k, r in enumerate(members)}  # ties: first seen first, reproducibly
+    heap = [(max(avail[r], 0.0) / n, order[r], r) for r, n in unfrozen.items()]
+    heapq.heapify(heap)
+    rates: list[float | None] = [None] * len(region)
+    while heap:
+        share, _, resource = heapq.heappop(heap)
+        n = unfrozen[resource]
+        if not n or share != max(avail[resource], 0.0) / n:
+            continue  # stale entry: a fresher one was pushed when it changed
+        if math.isinf(share):
+            break  # only unlimited resources left: every flow is frozen already
+        for i in members[resource]:
+            if rates[i] is not None:
+                continue
+            rates[i] = share
+            flow = region[i]
+            for other in (flow.src.up, flow.dst.down):
+                unfrozen[other] -= 1
+                avail[other] -= share
+                if other is not resource and unfrozen[other]:
+                    key = max(avail[other], 0.0) / unfrozen[other]
+                    heapq.heappush(heap, (key, order[other], other))
+        unfrozen[resource] = 0
+    return [0.0 if rate is None else rate for rate in rates]

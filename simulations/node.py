@@ -1,0 +1,390 @@
+"""A simulated p2pd node: the real ``p2pd.core`` classes, driven as ``p2pd.io.swarm`` does.
+
+How it works. Each :class:`SimNode` is one host of the :mod:`simulations.network`, with
+its own :class:`~p2pd.core.coordinator.Coordinator` (it coordinates the blobs whose
+rendezvous order it heads, found with :func:`~p2pd.core.membership.coordinator_for`
+over all node names), a :class:`~p2pd.core.peerscore.PeerScores` and, per blob, a
+:class:`BlobDownload` holding a :class:`~p2pd.core.scheduler.Scheduler`. A download
+loops like ``_Fetch.run`` in ``p2pd/io/swarm.py``: look the swarm up at the coordinator
+every :data:`LOOKUP_INTERVAL` and feed the holders to the scheduler (``peer_update``);
+ask for the upstream lease when pieces nobody holds are wanted (every
+:data:`LEASE_RETRY`), set the lease as the scheduler's upstream range; go solo when no
+piece arrived for :data:`STUCK_AFTER`; ``tick``; then carry out ``next_actions``:
+``RequestPiece`` is a request to the holder and a flow of the piece's bytes back,
+``FetchUpstream`` a ``Range`` request to the registry per contiguous run, streamed as
+one flow per piece. Arrivals feed ``piece_received`` / ``upstream_received`` /
+``refused``; held pieces are announced (full snapshot) within :data:`ANNOUNCE_DELAY`.
+Holders serve at most :data:`MAX_UPLOADS` requests at once; a request that waits
+:data:`BUSY_AFTER` for a slot is refused as busy, like ``p2pd/io/peer.py``.
+
+Simplifications (each a deliberate difference from the daemon):
+
+- RPCs to the coordinator (lookup, lease, announce) cost one-way link latency each way
+  and no bandwidth; the loop does not block on them (the daemon awaits lookup and lease
+  inline), answers wake it instead. Messages are never lost; nodes never fail.
+- No integrity: every piece verifies, piece hashes are taken as known (the daemon only
+  counts a holder's pieces once the table has their hash), so announcements carry none.
+- A holder known to be complete is fed with ``complete=True`` (the same mask as listing
+  every piece, without building it).
+- ``CancelRequest`` is ignored, as ``_Fetch.run`` ignores it: endgame duplicates run on.
+- An upload slot is freed when the receiver has the piece (one latency late), and the
+  pieces of an upstream run follow each other with one latency between them.
+- Constants are copied from ``p2pd/io/swarm.py`` and ``p2pd/io/peer.py`` (the simulation
+  must not import trio); keep them in step.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from p2pd.core.coordinator import Coordinator, Lease, PeerList
+from p2pd.core.peerscore import PeerScores
+from p2pd.core.pieces import PieceLayout
+from p2pd.core.scheduler import CancelRequest, FetchUpstream, RequestPiece, Scheduler
+from simulations.engine import Engine, Timer
+from simulations.network import Host, Network
+
+if TYPE_CHECKING:
+    from simulations.cluster import Cluster
+
+__all__ = ["BlobDownload", "BlobSpec", "Coordinator", "PieceLayout", "Scheduler", "SimNode"]
+
+LOOKUP_INTERVAL = 0.25
+LEASE_RETRY = 1.0
+ANNOUNCE_DELAY = 0.1
+REANNOUNCE = 20.0
+HOLDER_TTL = 3 * REANNOUNCE
+LEASE_TTL = 5.0
+STUCK_AFTER = LEASE_TTL + 1.0
+BUSY_AFTER = 1.0
+MAX_UPLOADS = 16
+MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSpec:
+    """A blob of the image: its digest and size in bytes."""
+
+    digest: str
+    size: int
+
+
+def _indices(bits: int) -> list[int]:
+    out = []
+    while bits:
+        low = bits & -bits
+        out.append(low.bit_length() - 1)
+        bits ^= low
+    return out
+
+
+class SimNode:
+    """One simulated host running p2pd (see the module docstring)."""
+
+    def __init__(self, cluster: Cluster, name: str, host: Host, rng: random.Random) -> None:
+        self.cluster, self.name, self.host, self.rng = cluster, name, host, rng
+        self.engine: Engine = cluster.engine
+        self.network: Network = cluster.network
+        self.coordinator = Coordinator(rng=cluster.engine.child_rng(), holder_ttl=HOLDER_TTL,
+                                       lease_ttl=LEASE_TTL)
+        self.scores = PeerScores()
+        self.downloads: dict[str, BlobDownload] = {}
+        self.held: dict[str, int] = {}  # digest -> bitfield of held pieces
+        self.uploading = 0
+        self._queue: deque[tuple[SimNode, str, int, Timer]] = deque()
+        self.done_at: float | None = None
+        self.started_at = 0.0
+
+    def start(self, blobs: list[BlobSpec]) -> None:
+        """Begin pulling ``blobs`` now."""
+        self.started_at = self.engine.now
+        for blob in blobs:
+            self.downloads[blob.digest] = BlobDownload(self, blob)
+            self.held[blob.digest] = 0
+        for download in list(self.downloads.values()):
+            download.step()
+
+    def blob_done(self) -> None:
+        """A download completed; the node is done when all are."""
+        if self.done_at is None and all(d.sched.done for d in self.downloads.values()):
+            self._finished()
+
+    def _finished(self) -> None:
+        self.done_at = self.engine.now
+        self.cluster.node_done(self)
+        self.engine.schedule(REANNOUNCE, self._reannounce)
+
+    def _reannounce(self) -> None:
+        if self.cluster.finished:
+            return
+        for download in self.downloads.values():
+            download.announce()
+        self.engine.schedule(REANNOUNCE, self._reannounce)
+
+    # -- RPCs ---------------------------------------------------------------------------
+
+    def call(self, target: SimNode, query: Callable[[], object],
+             answer: Callable[[object], None] | None) -> None:
+        """Run ``query`` at ``target`` one latency from now and, if ``answer`` is given,
+        hand it the result one more latency later (at once if ``target`` is us)."""
+        if target is self:
+            result = query()
+            if answer is not None:
+                answer(result)
+            return
+        delay = self.network.latency(self.host, target.host)
+
+        def arrive() -> None:
+            result = query()
+            if answer is not None:
+                self.engine.schedule(delay, lambda: answer(result))
+
+        self.engine.schedule(delay, arrive)
+
+    # -- the upload side ----------------------------------------------------------------
+
+    def on_request(self, asker: SimNode, digest: str, index: int) -> None:
+        """A piece request has arrived from ``asker``."""
+        if not self.held.get(digest, 0) >> index & 1:
+            self._reply(asker, lambda: asker.downloads[digest].refused(self.name, index, False))
+        elif self.uploading < MAX_UPLOADS:
+            self._upload(asker, digest, index)
+        else:
+            entry: list[tuple[SimNode, str, int, Timer]] = []
+            timer = self.engine.schedule(BUSY_AFTER, lambda: self._busy(entry[0]))
+            entry.append((asker, digest, index, timer))
+            self._queue.append(entry[0])
+
+    def _busy(self, entry: tuple[SimNode, str, int, Timer]) -> None:
+        self._queue.remove(entry)
+        asker, digest, index, _ = entry
+        self._reply(asker, lambda: asker.downloads[digest].refused(self.name, index, True))
+
+    def _reply(self, asker: SimNode, deliver: Callable[[], None]) -> None:
+        self.engine.schedule(self.network.latency(self.host, asker.host), deliver)
+
+    def _upload(self, asker: SimNode, digest: str, index: int) -> None:
+        self.uploading += 1
+        length = asker.downloads[digest].layout.length(index)
+
+        def done() -> None:
+            self.uploading -= 1
+            if self._queue:
+                next_asker, next_digest, next_index, timer = self._queue.popleft()
+                timer.cancel()
+                self._upload(next_asker, next_digest, next_index)
+            asker.downloads[digest].from_peer(self.name, index)
+
+        self.network.transfer(self.host, asker.host, length, done, tag="peer")
+
+
+class BlobDownload:
+    """One blob's download on one node: ``_Fetch`` of ``p2pd/io/swarm.py``, simulated."""
+
+    def __init__(self, node: SimNode, blob: BlobSpec) -> None:
+        self.node, self.blob, self.engine = node, blob, node.engine
+        self.layout = PieceLayout.for_size(blob.size)
+        self.sched = Scheduler(self.layout, rng=node.rng, scores=node.scores)
+        self.coordinator = node.cluster.coordinator_of(blob.digest)
+        self.upstream = range(0)
+        self.solo = False
+        self.refused_by: dict[str, set[int]] = {}
+        self.last_progress = self.engine.now
+        self.next_lookup = self.next_lease = 0.0
+        self.announce_due = False
+        self._announcer: Timer | None = None
+        self._wake: Timer | None = None
+        self.cancels_ignored = 0
+        self.completed = False
+        # What each peer was last fed with, and the scheduler's timeout count then:
+        # feeding the same bits again is a no-op unless a refusal or a timeout has made
+        # the scheduler forget pieces since, so it is skipped (lookups are the hot path).
+        self._fed: dict[str, int] = {}
+        self._fed_timeouts = 0
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Run the loop at this instant (once, however many events poke it)."""
+        if self.completed:
+            return
+        wake = self._wake
+        if wake is not None and not wake.cancelled and wake.time <= self.engine.now:
+            return
+        if wake is not None:
+            wake.cancel()
+        self._wake = self.engine.schedule(0.0, self.step)
+
+    def step(self) -> None:
+        """One turn of the download loop."""
+        self._wake = None
+        sched, now = self.sched, self.engine.now
+        if self.completed:
+            return
+        if now >= self.next_lookup and not self.solo:
+            self._lookup()
+            self.next_lookup = now + LOOKUP_INTERVAL
+        wanted = any(i not in self.upstream for i in sched.wanted_upstream())
+        if wanted and now >= self.next_lease:
+            self._lease()
+            self.next_lease = now + LEASE_RETRY
+        if now - self.last_progress > STUCK_AFTER:
+            self.upstream = range(self.layout.count)
+            sched.set_upstream_range(0, self.layout.count)
+        sched.tick(now)
+        for action in sched.next_actions(now):
+            if isinstance(action, RequestPiece):
+                self._request(action.peer_id, action.index)
+            elif isinstance(action, FetchUpstream):
+                self._fetch_upstream(action.indices)
+            elif isinstance(action, CancelRequest):
+                self.cancels_ignored += 1
+        if sched.done:
+            self._complete()
+            return
+        deadline = sched.next_deadline()
+        deadline = self.next_lookup if deadline is None else min(deadline, self.next_lookup)
+        self._wake = self.engine.schedule_at(max(deadline, now + MIN_WAIT), self.step)
+
+    def _complete(self) -> None:
+        self.completed = True
+        if self._announcer is not None:
+            self._announcer.cancel()
+            self._announcer = None
+        self.announce()
+        self.node.blob_done()
+
+    # -- coordinator --------------------------------------------------------------------
+
+    def _lookup(self) -> None:
+        blob, name = self.blob, self.node.name
+        coordinator = self.coordinator.coordinator
+
+        def query() -> object:
+            return coordinator.lookup(blob.digest, blob.size, name, self.engine.now)
+
+        self.node.call(self.coordinator, query, self._peers)
+
+    def _peers(self, answer: object) -> None:
+        assert isinstance(answer, PeerList)
+        if self.completed:
+            return
+        now = self.engine.now
+        timeouts = self.sched.statistics().timeouts
+        if timeouts != self._fed_timeouts:
+            self._fed_timeouts, self._fed = timeouts, {}
+        for holder in answer.holders:
+            if holder.node_id == self.node.name or self._fed.get(holder.node_id) == holder.bits:
+                continue
+            self._fed[holder.node_id] = holder.bits
+            lacks = self.refused_by.get(holder.node_id)
+            if holder.complete and not lacks:
+                self.sched.peer_update(holder.node_id, (), True, now)
+                continue
+            pieces = _indices(holder.bits)
+            if lacks:
+                pieces = [i for i in pieces if i not in lacks]
+            self.sched.peer_update(holder.node_id, pieces, False, now)
+        self.poke()
+
+    def _lease(self) -> None:
+        blob, name = self.blob, self.node.name
+        coordinator = self.coordinator.coordinator
+
+        def query() -> object:
+            return coordinator.request_lease(blob.digest, blob.size, name, self.engine.now)
+
+        self.node.call(self.coordinator, query, self._granted)
+
+    def _granted(self, answer: object) -> None:
+        if isinstance(answer, Lease) and not self.solo and not self.completed:
+            self.upstream = range(answer.first_piece, answer.last_piece)
+            self.sched.set_upstream_range(answer.first_piece, answer.last_piece)
+            self.poke()
+
+    def announce(self) -> None:
+        """Send our snapshot of this blob to its coordinator (one-way)."""
+        blob, node = self.blob, self.node
+        bits = node.held[blob.digest]
+        complete = self.sched.done
+        coordinator = self.coordinator.coordinator
+
+        def query() -> object:
+            return coordinator.announce(blob.digest, blob.size, node.name, node.name, bits,
+                                        complete, {}, self.engine.now)
+
+        node.call(self.coordinator, query, None)
+
+    def _announce_due(self) -> None:
+        self._announcer = None
+        if self.announce_due and not self.solo:
+            self.announce_due = False
+            self.announce()
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _request(self, peer_id: str, index: int) -> None:
+        holder = self.node.cluster.nodes[peer_id]
+        delay = self.node.network.latency(self.node.host, holder.host)
+        digest = self.blob.digest
+        self.engine.schedule(delay, lambda: holder.on_request(self.node, digest, index))
+
+    def from_peer(self, peer_id: str, index: int) -> None:
+        """Piece ``index`` arrived from ``peer_id`` (it always verifies here)."""
+        self.sched.piece_received(peer_id, index, True, self.engine.now)
+        self._held(index)
+
+    def refused(self, peer_id: str, index: int, busy: bool) -> None:
+        """``peer_id`` refused ``index``: busy, or it does not hold it."""
+        self._fed.pop(peer_id, None)  # the scheduler forgets the piece: feed it afresh
+        if not busy:
+            self.refused_by.setdefault(peer_id, set()).add(index)
+        self.sched.refused(peer_id, index, self.engine.now)
+        self.poke()
+
+    def _fetch_upstream(self, indices: tuple[int, ...]) -> None:
+        runs: list[list[int]] = []
+        for i in indices:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        if runs:
+            self._upstream_run(runs, 0, first=True)
+
+    def _upstream_run(self, runs: list[list[int]], at: int, *, first: bool) -> None:
+        """Fetch ``runs[0][at]``, then the rest of that run, then the following runs."""
+        cluster, node = self.node.cluster, self.node
+        registry, index = cluster.registry, runs[0][at]
+
+        def got() -> None:
+            self.sched.upstream_received(index, self.engine.now)
+            self._held(index)
+            if at + 1 < len(runs[0]):
+                self._upstream_run(runs, at + 1, first=False)
+            elif len(runs) > 1:
+                self._upstream_run(runs[1:], 0, first=True)
+
+        def begin() -> None:
+            self.node.network.transfer(registry, node.host, self.layout.length(index), got,
+                                       tag="registry")
+
+        if first:  # a new Range request: to the registry, and its time to answer
+            delay = node.network.latency(node.host, registry) + cluster.registry_latency
+            self.engine.schedule(delay, begin)
+        else:
+            begin()
+
+    def _held(self, index: int) -> None:
+        self.last_progress = self.engine.now
+        self.node.held[self.blob.digest] |= 1 << index
+        if self.completed:
+            return  # a late copy (endgame duplicate): nothing to tell
+        self.announce_due = True
+        if self._announcer is None:
+            self._announcer = self.engine.schedule(ANNOUNCE_DELAY, self._announce_due)
+        self.poke()

@@ -1,0 +1,64 @@
+"""The event engine: time order, ties in scheduling order, cancel, until, stop."""
+
+import pytest
+
+from simulations.engine import Engine
+
+
+def test_events_run_in_time_then_schedule_order() -> None:
+    engine = Engine(seed=1)
+    seen: list[tuple[float, str]] = []
+    engine.schedule(2.0, lambda: seen.append((engine.now, "c")))
+    engine.schedule(1.0, lambda: seen.append((engine.now, "a")))
+    engine.schedule(1.0, lambda: seen.append((engine.now, "b")))
+    assert engine.run() == 2.0
+    assert seen == [(1.0, "a"), (1.0, "b"), (2.0, "c")]
+
+
+def test_callbacks_can_schedule_and_cancel() -> None:
+    engine = Engine(seed=1)
+    seen: list[float] = []
+    late = engine.schedule(5.0, lambda: seen.append(-1.0))
+
+    def first() -> None:
+        seen.append(engine.now)
+        late.cancel()
+        engine.schedule(0.5, lambda: seen.append(engine.now))
+
+    engine.schedule(1.0, first)
+    engine.run()
+    assert seen == [1.0, 1.5]
+    assert engine.statistics().cancelled == 1
+
+
+def test_run_until_stops_the_clock_there_and_resumes() -> None:
+    engine = Engine(seed=1)
+    seen: list[float] = []
+    for t in (1.0, 3.0):
+        engine.schedule(t, lambda: seen.append(engine.now))
+    assert engine.run(until=2.0) == 2.0
+    assert seen == [1.0]
+    engine.run()
+    assert seen == [1.0, 3.0]
+
+
+def test_stop_ends_run_after_the_current_callback() -> None:
+    engine = Engine(seed=1)
+    engine.schedule(1.0, engine.stop)
+    engine.schedule(2.0, lambda: None)
+    assert engine.run() == 1.0
+    assert engine.statistics().queued == 1
+
+
+def test_rejects_the_past() -> None:
+    engine = Engine(seed=1)
+    with pytest.raises(ValueError):
+        engine.schedule(-1.0, lambda: None)
+    with pytest.raises(ValueError):
+        engine.schedule(float("nan"), lambda: None)
+
+
+def test_same_seed_same_random_streams() -> None:
+    a, b = Engine(seed=7), Engine(seed=7)
+    assert [a.child_rng().random() for _ in range(3)] == [b.child_rng().random() for _ in range(3)]
+    assert Engine(seed=8).child_rng().random() != Engine(seed=7).child_rng().random()
