@@ -125,7 +125,7 @@ class Scheduler:
         self, layout: PieceLayout, *, rng: random.Random, max_in_flight_per_peer: int = 4,
         request_timeout: float = 10.0, endgame_threshold: int | None = None,
         ban_after: int = 3, have: Iterable[int] = (), scores: PeerScores | None = None,
-        sequential_window: int = 8, endgame_copies: int = 3, upstream_batch: int = 8,
+        sequential_window: int = 8, endgame_copies: int = 2, upstream_batch: int = 8,
         upstream_retry_delay: float = 1.0, upstream_range: range | None = None,
     ) -> None:
         """``scores`` is shared between schedulers; without it a private one is made with
