@@ -54,6 +54,10 @@ ANNOUNCE_DELAY = 0.1
 REANNOUNCE = 20.0
 HOLDER_TTL = 3 * REANNOUNCE
 LEASE_TTL = 5.0
+RPC_TIMEOUT = 3.0
+"""A coordinator that has not answered by then counts as unreachable (the pull goes on)."""
+PIECE_TIMEOUT = 30.0
+"""A piece request given up for good (the scheduler re-asks elsewhere long before)."""
 STUCK_AFTER = LEASE_TTL + 1.0
 """Pieces no usable peer has and nobody fetches for this long come from upstream anyway."""
 ZERO = bytes(32)
@@ -186,10 +190,11 @@ class Swarm:
             return self.on_lookup(self.node_id, query) if isinstance(query, Lookup) \
                 else self.on_lease(self.node_id, query)
         try:
-            answer = await (await self._link(member.addr)).call(make)
-        except PeerUnavailable:
+            with trio.fail_after(RPC_TIMEOUT):
+                answer = await (await self._link(member.addr)).call(make)
+        except (PeerUnavailable, trio.TooSlowError) as exc:
             self.membership.failed(member.addr, trio.current_time())
-            raise
+            raise PeerUnavailable(f"coordinator {member.addr}: {exc!r}") from exc
         self.membership.heard_from(member.addr, trio.current_time())
         if not isinstance(answer, (Peers, LeaseGrant)):
             raise PeerUnavailable(f"coordinator {member.addr} answered {type(answer).__name__}")
@@ -203,9 +208,10 @@ class Swarm:
             self.on_announce(self.node_id, msg)
             return
         try:
-            link = await self._link(member.addr)
-            await link.send(msg)
-        except PeerUnavailable as exc:
+            with trio.fail_after(RPC_TIMEOUT):
+                link = await self._link(member.addr)
+                await link.send(msg)
+        except (PeerUnavailable, trio.TooSlowError) as exc:
             self.membership.failed(member.addr, trio.current_time())
             log.debug("announce %s to %s failed: %s", state.digest[7:19], member.addr, exc)
 
@@ -331,9 +337,11 @@ class _Fetch:
         now = trio.current_time()
         expected = self.state.hashes[index]
         try:
-            link = await self.swarm._link(self.addrs[peer_id])
-            answer = await link.call(lambda rid: Request(rid, self.digest, self.size, index))
-        except PeerUnavailable as exc:
+            with trio.fail_after(PIECE_TIMEOUT):
+                link = await self.swarm._link(self.addrs[peer_id])
+                answer = await link.call(lambda rid: Request(rid, self.digest, self.size,
+                                                             index))
+        except (PeerUnavailable, trio.TooSlowError) as exc:
             log.info("blob %s: peer %s unavailable: %s", self.digest[7:19], peer_id, exc)
             self.swarm.membership.failed(self.addrs[peer_id], trio.current_time())
             self.sched.peer_gone(peer_id, trio.current_time())

@@ -127,3 +127,37 @@ def test_a_daemon_without_the_cluster_secret_gets_no_pieces(
         # Whichever of them was asked first refused the handshake.
         assert insider.metric("p2pd_peer_protocol_errors_total") + \
             outsider.metric("p2pd_peer_protocol_errors_total") >= 1
+
+
+def test_a_frozen_coordinator_does_not_hold_up_a_pull(
+    tmp_path: Path, registry: Registry,
+) -> None:
+    import os
+    import signal
+
+    from p2pd.core.membership import Member, coordinator_for
+
+    image = build_image(tmp_path / "img", [2 * MiB, 3 * MiB], seed=5)
+    push_image(image, registry.host, "faults/frozen")
+    first, second = image.layers
+    while True:  # ports such that the daemon we freeze coordinates both layers
+        ports = [free_port(), free_port()]
+        members = [Member(f"127.0.0.1:{p}", f"127.0.0.1:{p}") for p in ports]
+        if all(coordinator_for(b.digest, members) == members[0] for b in (first, second)):
+            break
+    common = {"registries": {registry.host: registry.url}, "default_registry": registry.host}
+    with P2pd.start(tmp_path / "frozen", peer_port=ports[0], node_id="frozen",
+                    extra=["--peers", f"static:{members[1].addr}"], **common) as frozen, \
+            P2pd.start(tmp_path / "live", peer_port=ports[1], node_id="live",
+                       extra=["--peers", f"static:{members[0].addr}"], **common) as live:
+        # A first pull opens the link to the coordinator and leaves it open.
+        first_bytes = image.blob_path(first.digest).read_bytes()
+        assert _get(live, "faults/frozen", first, registry.host) == first_bytes
+        os.kill(frozen.proc.pid, signal.SIGSTOP)  # the link stays up, nothing answers
+        try:
+            started = time.monotonic()
+            got = _get(live, "faults/frozen", second, registry.host, timeout=40)
+            assert got == image.blob_path(second.digest).read_bytes()
+            assert time.monotonic() - started < 20
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
