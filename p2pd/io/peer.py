@@ -46,6 +46,8 @@ from p2pd.io.throttle import Throttle
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0
+"""A piece the peer has not taken within this time ends the connection."""
 BUSY_AFTER = 1.0
 """A piece request that waits this long for an upload slot is refused as busy."""
 IDLE_TIMEOUT = 300.0
@@ -160,7 +162,11 @@ class PeerService:
             return
         try:
             reply = await self._piece(request)
-            await stream.send_all(conn.send(reply))
+            with trio.move_on_after(SEND_TIMEOUT) as sending:
+                await stream.send_all(conn.send(reply))
+            if sending.cancelled_caught:
+                # A peer that stops reading must not keep an upload slot forever.
+                raise RemoteProtocolError("peer stopped reading a piece")
             if isinstance(reply, Piece):
                 await self.upload.moved(len(reply.data))
         finally:
@@ -214,10 +220,11 @@ async def _next_event(
 async def _send_error(
     conn: PeerConnection, stream: trio.abc.SendStream, code: str, message: str
 ) -> None:
-    try:
-        await stream.send_all(conn.send(Error(code or ERROR_PROTOCOL, message[:1000])))
-    except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
+    with trio.move_on_after(5):  # a peer that stopped reading gets no explanation
+        try:
+            await stream.send_all(conn.send(Error(code or ERROR_PROTOCOL, message[:1000])))
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
