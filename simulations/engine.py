@@ -11,6 +11,7 @@ only marks it (lazy deletion): the heap skips it when it comes up, which keeps
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +67,8 @@ class Engine:
         if not time >= self.now:
             raise ValueError(f"cannot schedule at {time!r}, before now ({self.now})")
         timer = Timer(time, callback)
-        self._seq += 1
-        heapq.heappush(self._heap, (time, self._seq, timer))
+        seq = self._seq = self._seq + 1
+        heapq.heappush(self._heap, (time, seq, timer))
         return timer
 
     def child_rng(self) -> random.Random:
@@ -78,12 +79,12 @@ class Engine:
         """Run events in time order until none are left, the next is after ``until`` or
         :meth:`stop` is called; returns the clock (``until`` if it stopped there)."""
         heap, self._stopped = self._heap, False
+        pop, limit = heapq.heappop, math.inf if until is None else until
         while heap and not self._stopped:
-            time, _, timer = heap[0]
-            if until is not None and time > until:
-                self.now = until
-                return until
-            heapq.heappop(heap)
+            if heap[0][0] > limit:
+                self.now = limit
+                return limit
+            time, _, timer = pop(heap)
             if timer.cancelled:
                 self._cancelled += 1
                 continue

@@ -10,7 +10,10 @@ fabric is faster than its nodes' NICs and the registry's egress.
 Rates are max-min fair, computed by *progressive filling*: all flows grow at the same
 speed; when a resource is full its flows freeze at their share and the others go on.
 Rates change only when a flow starts or ends. Then each flow's progress is brought up to
-date, its new rate set and its finish time rescheduled (the old timer is cancelled).
+date and its new rate set. Finish times are rescheduled lazily: a flow that sped up gets
+a new, earlier timer (the old one is cancelled); one that slowed down keeps its timer,
+which on firing finds bytes left and re-arms for the real end (a flow joining a link
+slows the others on it: those need no new timer until the old one comes up).
 
 Which flows are recomputed (``exact=False``, the default): the flows on the resources
 whose set of flows changed (the *region*: the uplink of the flow's source and the
@@ -41,6 +44,7 @@ from functools import partial
 from simulations.engine import Engine, Timer
 
 _EPSILON = 1e-9  # relative: rates this close are taken as unchanged
+_LEFTOVER = 1e-9  # relative: a flow with less than this left at its timer is done
 
 
 class Resource:
@@ -74,8 +78,8 @@ class Host:
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("done", "dst", "on_done", "rate", "remaining", "since", "size", "src",
-                 "tag", "timer")
+    __slots__ = ("done", "dst", "finish", "on_done", "rate", "remaining", "since", "size",
+                 "src", "tag", "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -85,6 +89,7 @@ class Flow:
         self.since = now  # when ``remaining`` was last brought up to date
         self.timer: Timer | None = None
         self.done = False
+        self.finish: Callable[[], None] = on_done  # the network's finish timer callback
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,7 @@ class Network:
         if math.isinf(src.up.capacity) and math.isinf(dst.down.capacity):
             raise ValueError("a flow needs a finite uplink or downlink")
         flow = Flow(src, dst, size, tag, on_done, self.engine.now)
+        flow.finish = partial(self._finish, flow)
         self._flows[flow] = None
         src.up.flows[flow] = None
         dst.down.flows[flow] = None
@@ -179,7 +185,16 @@ class Network:
         flow.since = now
 
     def _finish(self, flow: Flow) -> None:
+        flow.timer = None
         self._progress(flow)
+        now = self.engine.now
+        if flow.remaining > _LEFTOVER * flow.size and flow.rate > 0:
+            end = now + flow.remaining / flow.rate
+            if end > now:
+                # The flow slowed down after this timer was set (lazy rescheduling, see
+                # _recompute): wake again when it really ends.
+                flow.timer = self.engine.schedule_at(end, flow.finish)
+                return
         self._bytes[flow.tag] += flow.size
         self._counts[1] += 1
         self._remove(flow)
@@ -204,21 +219,26 @@ class Network:
         self._recomputes += 1
         self._recomputed += len(region)
         rates = max_min_rates(region)
-        now = self.engine.now
+        now, schedule_at = self.engine.now, self.engine.schedule_at
         for flow, rate in zip(region, rates, strict=True):
-            old = flow.rate
-            if flow.timer is not None and abs(rate - old) <= _EPSILON * max(rate, old):
+            old, timer = flow.rate, flow.timer
+            if timer is not None and abs(rate - old) <= _EPSILON * max(rate, old):
                 continue  # same rate: the finish timer stands
-            self._progress(flow)
+            flow.remaining -= old * (now - flow.since)
+            flow.since = now
             flow.rate = rate
             flow.src.up.total += rate - old
             flow.dst.down.total += rate - old
-            if flow.timer is not None:
-                flow.timer.cancel()
-                flow.timer = None
             if rate > 0:
-                eta = max(flow.remaining, 0.0) / rate
-                flow.timer = self.engine.schedule_at(now + eta, partial(self._finish, flow))
+                end = now + max(flow.remaining, 0.0) / rate
+                if timer is not None and timer.time <= end:
+                    continue  # slower: the earlier timer stands and re-arms when it fires
+                if timer is not None:
+                    timer.cancel()
+                flow.timer = schedule_at(end, flow.finish)
+            elif timer is not None:
+                timer.cancel()
+                flow.timer = None
 
     def statistics(self) -> NetworkStatistics:
         """Bytes and flow counts so far."""
@@ -234,37 +254,51 @@ class Network:
 def max_min_rates(region: list[Flow]) -> list[float]:
     """Max-min fair rates for ``region`` by progressive filling, with every flow outside
     it frozen at its current rate (each resource offers the region what they leave)."""
-    avail: dict[Resource, float] = {}
-    members: dict[Resource, list[int]] = {}
+    number: dict[Resource, int] = {}  # resource -> its position, first seen first
+    members: list[list[int]] = []
+    avail: list[float] = []
+    ends: list[tuple[int, int]] = []
     for i, flow in enumerate(region):
-        for resource in (flow.src.up, flow.dst.down):
-            if resource not in members:
-                members[resource] = []
-                avail[resource] = resource.capacity - resource.total
-            members[resource].append(i)
-            avail[resource] += flow.rate  # the region's own rates are up for grabs
-    unfrozen = {r: len(m) for r, m in members.items()}
-    order = {r: k for k, r in enumerate(members)}  # ties: first seen first, reproducibly
-    heap = [(max(avail[r], 0.0) / n, order[r], r) for r, n in unfrozen.items()]
+        rate, up, down = flow.rate, flow.src.up, flow.dst.down
+        a = number.get(up)
+        if a is None:
+            a = number[up] = len(members)
+            members.append([i])
+            avail.append(up.capacity - up.total + rate)  # the region's own rates are
+        else:                                            # up for grabs
+            members[a].append(i)
+            avail[a] += rate
+        b = number.get(down)
+        if b is None:
+            b = number[down] = len(members)
+            members.append([i])
+            avail.append(down.capacity - down.total + rate)
+        else:
+            members[b].append(i)
+            avail[b] += rate
+        ends.append((a, b))
+    unfrozen = [len(m) for m in members]
+    inf = math.inf
+    # ties: first seen first, reproducibly; unlimited resources never freeze anything
+    current = [max(a, 0.0) / n for a, n in zip(avail, unfrozen, strict=True)]
+    heap = [(share, k) for k, share in enumerate(current) if share != inf]
     heapq.heapify(heap)
-    rates: list[float | None] = [None] * len(region)
+    rates = [-1.0] * len(region)
+    pop, push = heapq.heappop, heapq.heappush
     while heap:
-        share, _, resource = heapq.heappop(heap)
-        n = unfrozen[resource]
-        if not n or share != max(avail[resource], 0.0) / n:
+        share, k = pop(heap)
+        if not unfrozen[k] or share != current[k]:
             continue  # stale entry: a fresher one was pushed when it changed
-        if math.isinf(share):
-            break  # only unlimited resources left: every flow is frozen already
-        for i in members[resource]:
-            if rates[i] is not None:
+        unfrozen[k] = 0
+        for i in members[k]:
+            if rates[i] >= 0:
                 continue
             rates[i] = share
-            flow = region[i]
-            for other in (flow.src.up, flow.dst.down):
-                unfrozen[other] -= 1
-                avail[other] -= share
-                if other is not resource and unfrozen[other]:
-                    key = max(avail[other], 0.0) / unfrozen[other]
-                    heapq.heappush(heap, (key, order[other], other))
-        unfrozen[resource] = 0
-    return [0.0 if rate is None else rate for rate in rates]
+            a, b = ends[i]
+            other = b if a == k else a
+            left = unfrozen[other] = unfrozen[other] - 1
+            rest = avail[other] = avail[other] - share
+            if left and rest != inf:
+                key = current[other] = max(rest, 0.0) / left
+                push(heap, (key, other))
+    return [rate if rate >= 0 else 0.0 for rate in rates]

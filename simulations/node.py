@@ -29,6 +29,12 @@ Simplifications (each a deliberate difference from the daemon):
 - ``CancelRequest`` is ignored, as ``_Fetch.run`` ignores it: endgame duplicates run on.
 - An upload slot is freed when the receiver has the piece (one latency late), and the
   pieces of an upstream run follow each other with one latency between them.
+- Lookup answers are fed incrementally: a holder whose bits only grew since it was last
+  fed gets ``peer_has`` of the new pieces instead of ``peer_update`` of all of them (the
+  scheduler ends in the same state; ``_fed`` tracks what the scheduler believes, also
+  across busy refusals). Busy requests are queued FIFO at the holder for up to
+  :data:`BUSY_AFTER` exactly as the daemon's semaphore does; that is kept although it
+  makes most requests end in a refusal at 100+ nodes (a daemon finding, not a model cost).
 - Constants are copied from ``p2pd/io/swarm.py`` and ``p2pd/io/peer.py`` (the simulation
   must not import trio); keep them in step.
 """
@@ -95,7 +101,7 @@ class SimNode:
         self.downloads: dict[str, BlobDownload] = {}
         self.held: dict[str, int] = {}  # digest -> bitfield of held pieces
         self.uploading = 0
-        self._queue: deque[tuple[SimNode, str, int, Timer]] = deque()
+        self._queue: deque[tuple[SimNode, str, int, float, Timer]] = deque()
         self.done_at: float | None = None
         self.started_at = 0.0
 
@@ -154,15 +160,14 @@ class SimNode:
         elif self.uploading < MAX_UPLOADS:
             self._upload(asker, digest, index)
         else:
-            entry: list[tuple[SimNode, str, int, Timer]] = []
-            timer = self.engine.schedule(BUSY_AFTER, lambda: self._busy(entry[0]))
-            entry.append((asker, digest, index, timer))
-            self._queue.append(entry[0])
-
-    def _busy(self, entry: tuple[SimNode, str, int, Timer]) -> None:
-        self._queue.remove(entry)
-        asker, digest, index, _ = entry
-        self._reply(asker, lambda: asker.downloads[digest].refused(self.name, index, True))
+            # Wait FIFO for a slot, for up to BUSY_AFTER. The busy refusal is sent now to
+            # arrive when the daemon's would (BUSY_AFTER plus one latency), and cancelled
+            # if a slot frees first: one event per refusal instead of two. Entries whose
+            # wait is over stay in the queue until a slot frees and are skipped then.
+            delay = BUSY_AFTER + self.network.latency(self.host, asker.host)
+            refusal = self.engine.schedule(
+                delay, lambda: asker.downloads[digest].refused(self.name, index, True))
+            self._queue.append((asker, digest, index, self.engine.now + BUSY_AFTER, refusal))
 
     def _reply(self, asker: SimNode, deliver: Callable[[], None]) -> None:
         self.engine.schedule(self.network.latency(self.host, asker.host), deliver)
@@ -173,10 +178,14 @@ class SimNode:
 
         def done() -> None:
             self.uploading -= 1
-            if self._queue:
-                next_asker, next_digest, next_index, timer = self._queue.popleft()
-                timer.cancel()
+            queue, now = self._queue, self.engine.now
+            while queue:
+                next_asker, next_digest, next_index, deadline, refusal = queue.popleft()
+                if deadline <= now:
+                    continue  # refused already: its answer is on the way
+                refusal.cancel()
                 self._upload(next_asker, next_digest, next_index)
+                break
             asker.downloads[digest].from_peer(self.name, index)
 
         self.network.transfer(self.host, asker.host, length, done, tag="peer")
@@ -277,18 +286,32 @@ class BlobDownload:
         timeouts = self.sched.statistics().timeouts
         if timeouts != self._fed_timeouts:
             self._fed_timeouts, self._fed = timeouts, {}
+        fed, sched, me = self._fed, self.sched, self.node.name
         for holder in answer.holders:
-            if holder.node_id == self.node.name or self._fed.get(holder.node_id) == holder.bits:
+            peer_id, bits = holder.node_id, holder.bits
+            before = fed.get(peer_id)
+            if before == bits or peer_id == me:
                 continue
-            self._fed[holder.node_id] = holder.bits
-            lacks = self.refused_by.get(holder.node_id)
+            fed[peer_id] = bits
+            lacks = self.refused_by.get(peer_id)
             if holder.complete and not lacks:
-                self.sched.peer_update(holder.node_id, (), True, now)
+                sched.peer_update(peer_id, (), True, now)
                 continue
-            pieces = _indices(holder.bits)
+            if before is not None and bits & before == before:
+                # Only new pieces since the last feed, and the scheduler's view is still
+                # exactly what was fed (``_fed`` is cleared on refusals and timeouts):
+                # ``peer_has`` of the difference leaves the scheduler in the state
+                # ``peer_update`` of all of them would, at a fraction of the cost.
+                pieces = _indices(bits & ~before)
+                if lacks:
+                    pieces = [i for i in pieces if i not in lacks]
+                if pieces:
+                    sched.peer_has(peer_id, pieces, now)
+                continue
+            pieces = _indices(bits)
             if lacks:
                 pieces = [i for i in pieces if i not in lacks]
-            self.sched.peer_update(holder.node_id, pieces, False, now)
+            sched.peer_update(peer_id, pieces, False, now)
         self.poke()
 
     def _lease(self) -> None:
@@ -340,8 +363,13 @@ class BlobDownload:
 
     def refused(self, peer_id: str, index: int, busy: bool) -> None:
         """``peer_id`` refused ``index``: busy, or it does not hold it."""
-        self._fed.pop(peer_id, None)  # the scheduler forgets the piece: feed it afresh
-        if not busy:
+        if busy:
+            # The scheduler forgets that ``peer_id`` holds ``index``: so does ``_fed``, and
+            # the next lookup hands the piece back with ``peer_has``.
+            fed = self._fed.get(peer_id)
+            if fed is not None:
+                self._fed[peer_id] = fed & ~(1 << index)
+        else:
             self.refused_by.setdefault(peer_id, set()).add(index)
         self.sched.refused(peer_id, index, self.engine.now)
         self.poke()

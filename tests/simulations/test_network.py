@@ -96,3 +96,23 @@ def test_local_recomputation_never_oversubscribes_and_tracks_exact() -> None:
         makespans.append(max(done))
     local, exact_time = makespans
     assert exact_time * 0.9 <= local <= exact_time * 1.1
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_flow_that_slows_down_finishes_on_time(exact: bool) -> None:
+    # Finish timers are rescheduled lazily: a flow that slows down keeps its early timer,
+    # which re-arms when it fires. 100 MB alone at 100 MB/s for 0.5 s (50 MB), then
+    # shared at 50 MB/s: done at 1.5 s, not at the 1 s its first timer said.
+    engine = Engine(seed=1)
+    net = Network(engine, exact=exact)
+    net.add_host("a", up=100 * MB)
+    net.add_host("b", up=1, down=1000 * MB)
+    net.add_host("c", up=1, down=1000 * MB)
+    done: dict[str, float] = {}
+    net.transfer(net.hosts["a"], net.hosts["b"], 100 * MB,
+                 lambda: done.setdefault("b", engine.now), tag="a")
+    engine.schedule(0.5, lambda: net.transfer(net.hosts["a"], net.hosts["c"], 100 * MB,
+                                              lambda: done.setdefault("c", engine.now),
+                                              tag="a"))
+    engine.run()
+    assert done["b"] == pytest.approx(1.5) and done["c"] == pytest.approx(2.0)

@@ -1,0 +1,43 @@
+"""The upload side of a simulated node: busy requests wait FIFO, then are refused."""
+
+import pytest
+
+from simulations.cluster import Cluster, MiB, Scenario
+from simulations.node import BUSY_AFTER, MAX_UPLOADS, BlobDownload, SimNode
+
+SCENARIO = Scenario(nodes=2, image_bytes=8 * MiB, layers=1, node_up=10 * MiB,
+                    node_down=100 * MiB, registry_up=10 * MiB, seed=1)
+
+
+def _pair() -> tuple[Cluster, SimNode, SimNode, list[tuple[str, float, int]]]:
+    cluster = Cluster(SCENARIO)
+    holder, asker = cluster.nodes.values()
+    blob = SCENARIO.blobs()[0]
+    download = asker.downloads[blob.digest] = BlobDownload(asker, blob)
+    seen: list[tuple[str, float, int]] = []
+    download.refused = lambda peer, index, busy: seen.append(  # type: ignore[method-assign]
+        ("busy" if busy else "lacks", cluster.engine.now, index))
+    download.from_peer = lambda peer, index: seen.append(  # type: ignore[method-assign]
+        ("piece", cluster.engine.now, index))
+    holder.held[blob.digest] = 0b11
+    return cluster, holder, asker, seen
+
+
+def test_a_request_waiting_too_long_for_a_slot_is_refused_as_busy() -> None:
+    cluster, holder, asker, seen = _pair()
+    holder.uploading = MAX_UPLOADS  # every slot taken, none frees
+    holder.on_request(asker, SCENARIO.blobs()[0].digest, 1)
+    cluster.engine.run()
+    latency = cluster.network.latency(holder.host, asker.host)
+    assert seen == [("busy", pytest.approx(BUSY_AFTER + latency), 1)]
+
+
+def test_a_queued_request_gets_the_next_free_slot() -> None:
+    cluster, holder, asker, seen = _pair()
+    digest = SCENARIO.blobs()[0].digest
+    holder.uploading = MAX_UPLOADS - 1
+    holder.on_request(asker, digest, 0)  # takes the last slot: 1 MiB at 10 MiB/s
+    holder.on_request(asker, digest, 1)  # waits 0.1 s for it, well within BUSY_AFTER
+    cluster.engine.run()
+    assert [(kind, index) for kind, _, index in seen] == [("piece", 0), ("piece", 1)]
+    assert not holder._queue
