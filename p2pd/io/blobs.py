@@ -118,7 +118,6 @@ class BlobService:
                 dl.fail(DownloadFailed("download was interrupted"))
             del self.downloads[dl.digest]
             self.lru.unpin(dl.digest)
-            dl.done.set()
             self._update_gauges()
 
     async def _fetch_upstream(
@@ -342,25 +341,20 @@ class BlobService:
             expected = dl.hashes[index]
             if not dl.published[index] or expected is None:
                 return None
-            data = dl.recent.get(index)
-            if data is None:
-                return await trio.to_thread.run_sync(
-                    self.store.downloading_piece, digest, index, expected)
-            return data
+            return await self._downloaded_piece(dl, index, expected)
         table = self.tables.get(digest)
         if table is None or table.size != size or index >= table.layout.count:
             return None
-        region = self.store.trusted_region(table, index)
-        if region is not None:  # known good: a read from the page cache, no hash
-            try:
-                return os.pread(region.fd, region.length, 0)
-            finally:
-                region.close()
         try:
-            return await trio.to_thread.run_sync(self.store.known_good_piece, table, index)
-        except (CorruptPiece, FileNotFoundError):
-            await self.drop_corrupt(digest)
+            part = await self._cached_piece(table, index)
+        except CorruptPiece:
             return None
+        if isinstance(part, bytes):
+            return part
+        try:  # known good: a read from the page cache, no hash
+            return os.pread(part.fd, part.length, 0)
+        finally:
+            part.close()
 
     def held_states(self) -> list[BlobState]:
         """Every complete cached blob, as announced to the swarm."""
@@ -393,29 +387,37 @@ class BlobService:
         that verified before and have not changed since; otherwise verified bytes.
         """
         if dl is not None:
-            expected = await dl.wait_piece(index)
-            data = dl.recent.get(index)
-            if data is not None:
-                return data
-            data = await trio.to_thread.run_sync(
-                self.store.downloading_piece, digest, index, expected)
+            data = await self._downloaded_piece(dl, index, await dl.wait_piece(index))
             if data is None:
                 raise CorruptPiece(f"piece {index} of {digest.short} changed on disk")
             return data
         table = self.tables.get(digest)
         if table is None:
             raise CorruptPiece(f"blob {digest.short} left the cache while being served")
+        return await self._cached_piece(table, index)
+
+    async def _downloaded_piece(self, dl: Download, index: int, expected: bytes) -> bytes | None:
+        """A published piece of a download in flight, or ``None`` if its file changed."""
+        data = dl.recent.get(index)
+        if data is not None:
+            return data
+        return await trio.to_thread.run_sync(
+            self.store.downloading_piece, dl.digest, index, expected)
+
+    async def _cached_piece(self, table: PieceTable, index: int) -> bytes | FileRegion:
+        """A piece of a complete blob, known good; a damaged blob is dropped and
+        :class:`CorruptPiece` raised."""
         region = self.store.trusted_region(table, index)
         if region is not None:
             return region
         try:
             return await trio.to_thread.run_sync(self.store.read_piece, table, index)
         except CorruptPiece:
-            await self.drop_corrupt(digest)
+            await self.drop_corrupt(table.digest)
             raise
         except FileNotFoundError as exc:
-            await self.drop_corrupt(digest)
-            raise CorruptPiece(f"piece {index} of {digest.short} is missing") from exc
+            await self.drop_corrupt(table.digest)
+            raise CorruptPiece(f"piece {index} of {table.digest.short} is missing") from exc
 
 
 async def _stored_aside(

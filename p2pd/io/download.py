@@ -34,7 +34,6 @@ class Download:
     recent: dict[int, bytes] = field(default_factory=dict)
     recent_bytes: int = 0
     _changed: trio.Event = field(default_factory=trio.Event)
-    done: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
         self.hashes = [None] * self.layout.count
@@ -59,7 +58,6 @@ class Download:
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._notify()
-        self.done.set()
 
     async def wait_piece(self, index: int) -> bytes:
         """Wait until piece ``index`` may be served; return its sha256."""

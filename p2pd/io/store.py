@@ -202,16 +202,6 @@ class DiskStore:
             return None
         return FileRegion(fd, st.st_size)
 
-    def known_good_piece(self, table: PieceTable, index: int) -> bytes:
-        """Piece ``index`` as bytes, known good: unread-hash if trusted, else verified."""
-        region = self.trusted_region(table, index)
-        if region is None:
-            return self.read_piece(table, index)
-        try:
-            return os.pread(region.fd, region.length, 0)
-        finally:
-            region.close()
-
     def read_piece(self, table: PieceTable, index: int) -> bytes:
         """Read piece ``index`` and check it against the table.
 
