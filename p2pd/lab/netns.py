@@ -21,7 +21,9 @@ Ways into a node:
 
 :meth:`Node.limit` caps a node's egress with ``tbf`` on its ``eth0`` and, optionally,
 its ingress with ``tbf`` on its bridge port (the bridge sends to the node through it),
-so no ifb device is needed.
+so no ifb device is needed; ``ingress_via="ifb"`` shapes ingress inside the node instead
+(an ``ingress`` qdisc on ``eth0`` redirects every packet to an ``ifb0`` device whose
+``tbf`` is the cap), where the kernel has ifb, u32 and mirred.
 
 :meth:`Lan.close` stops every process started through the lan (and kills, by pid, any
 process still inside one of its namespaces), then deletes the namespaces; the veth
@@ -37,6 +39,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import ipaddress
+import json
 import logging
 import os
 import random
@@ -67,6 +70,8 @@ NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 NODE_IFACE = "eth0"
 BRIDGE_IFACE = "br0"
+IFB_IFACE = "ifb0"
+INGRESS_VIA = ("bridge", "ifb")
 MAX_NODES = 253
 
 P = ParamSpec("P")
@@ -240,6 +245,12 @@ class Node:
         """:func:`p2pd.lab.procs.wait_http` from inside the node."""
         self.call(wait_http, url, timeout=timeout, ok=ok, proc=proc)
 
+    def link_bytes(self, iface: str = NODE_IFACE) -> tuple[int, int]:
+        """``(rx, tx)`` byte counters of ``iface`` in the node (``ip -s -j link``)."""
+        res = _ip("-n", self.netns, "-s", "-j", "link", "show", "dev", iface)
+        stats = json.loads(res.stdout)[0]["stats64"]
+        return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])
+
     def limit(
         self,
         rate_bytes_per_s: int,
@@ -247,24 +258,57 @@ class Node:
         ingress: int | None = None,
         burst: int | None = None,
         latency_ms: float = 50.0,
+        ingress_via: str = "bridge",
     ) -> None:
         """Cap what the node sends to ``rate_bytes_per_s`` (``tbf`` on its ``eth0``).
 
-        ``ingress`` caps what it receives the same way, on its bridge port. ``burst``
-        defaults to 1/20 s worth of bytes, at least 64 KiB (veth sends 64 KiB GSO
-        packets). Calling again replaces the limits.
+        ``ingress`` caps what it receives the same way: on its bridge port
+        (``ingress_via="bridge"``), or on an ``ifb0`` device in the node that its
+        ``eth0`` ingress is redirected to (``"ifb"``; :class:`NetnsError` where the
+        kernel lacks ifb, u32 or mirred). ``burst`` defaults to 1/20 s worth of bytes, at
+        least 64 KiB (veth sends 64 KiB GSO packets). Calling again replaces the limits.
         """
+        if ingress_via not in INGRESS_VIA:
+            raise ValueError(f"ingress_via must be one of {INGRESS_VIA}, not {ingress_via!r}")
         self._tbf(["-n", self.netns], NODE_IFACE, rate_bytes_per_s, burst, latency_ms)
-        if ingress is not None:
+        if ingress is None:
+            return
+        if ingress_via == "ifb":
+            self._unlimit_bridge_port()
+            self._ifb_ingress(ingress, burst, latency_ms)
+        else:
+            self._unlimit_ifb()
             self._tbf(["-n", self.lan.bridge_netns], self.bridge_port, ingress, burst,
                       latency_ms)
+
+    def _ifb_ingress(self, rate: int, burst: int | None, latency_ms: float) -> None:
+        ns = ["-n", self.netns]
+        if _ip(*ns, "link", "show", IFB_IFACE, check=False).returncode != 0:
+            _ip(*ns, "link", "add", IFB_IFACE, "type", "ifb")
+        _ip(*ns, "link", "set", IFB_IFACE, "up")
+        # A fresh ingress qdisc drops any earlier filter, so a second call cannot stack.
+        _run([TC_BIN, *ns, "qdisc", "del", "dev", NODE_IFACE, "ingress"], check=False)
+        _run([TC_BIN, *ns, "qdisc", "add", "dev", NODE_IFACE, "handle", "ffff:", "ingress"])
+        _run([TC_BIN, *ns, "filter", "add", "dev", NODE_IFACE, "parent", "ffff:",
+              "protocol", "all", "u32", "match", "u32", "0", "0",
+              "action", "mirred", "egress", "redirect", "dev", IFB_IFACE])
+        self._tbf(ns, IFB_IFACE, rate, burst, latency_ms)
+
+    def _unlimit_ifb(self) -> None:
+        _run([TC_BIN, "-n", self.netns, "qdisc", "del", "dev", NODE_IFACE, "ingress"],
+             check=False)
+        _ip("-n", self.netns, "link", "del", IFB_IFACE, check=False)
+
+    def _unlimit_bridge_port(self) -> None:
+        _run([TC_BIN, "-n", self.lan.bridge_netns, "qdisc", "del", "dev", self.bridge_port,
+              "root"], check=False)
 
     def unlimit(self) -> None:
         """Remove the caps set by :meth:`limit`."""
         _run([TC_BIN, "-n", self.netns, "qdisc", "del", "dev", NODE_IFACE, "root"],
              check=False)
-        _run([TC_BIN, "-n", self.lan.bridge_netns, "qdisc", "del", "dev", self.bridge_port,
-              "root"], check=False)
+        self._unlimit_bridge_port()
+        self._unlimit_ifb()
 
     @staticmethod
     def _tbf(where: list[str], dev: str, rate: int, burst: int | None,

@@ -1,0 +1,88 @@
+"""The emulation harness end to end: real daemons, registry and containerd in namespaces.
+
+One small p2p emulation (3 nodes, a 24 MiB image in 2 layers, 8 MiB/s caps) must finish
+with every node's pull done, about one copy out of the registry, bytes from peers, and
+no namespace left behind; plus the ifb ingress cap on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from p2pd.lab.netns import IFB_IFACE, Lan, NetnsError, netns_unavailable
+from p2pd.lab.procs import missing_bins
+from simulations.cluster import MiB, Scenario
+from simulations.emulate import BINARIES, emulate, main_emulate
+
+pytestmark = pytest.mark.e2e
+
+SMALL = Scenario(nodes=3, image_bytes=24 * MiB, layers=2, node_up=8 * MiB,
+                 node_down=8 * MiB, registry_up=8 * MiB, seed=3)
+
+
+def require_lab() -> None:
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.skip(f"netns lab: {reason}")
+    missing = missing_bins(*BINARIES)
+    if missing:
+        pytest.skip(f"e2e: required executables not installed: {', '.join(missing)}")
+
+
+def namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.mark.timeout(90)
+def test_three_nodes_pull_through_their_daemons_and_nothing_is_left(tmp_path: Path) -> None:
+    require_lab()
+    lines: list[str] = []
+    emulation = emulate(SMALL, workdir=tmp_path / "emu", log=lines.append, timeout=45)
+    result = emulation.result
+    print("\n" + "\n".join(lines) + f"\n{result.summary()}\n{emulation}")
+    assert result.mode == "emulation-p2p" and result.nodes == 3 and result.events == 0
+    assert len(result.completion) == 3 and list(result.completion) == sorted(result.completion)
+    assert all(0 < t <= result.wall for t in result.completion)
+    # About one copy left the registry (plus manifests, access checks and headers) ...
+    assert SMALL.image_bytes <= result.registry_bytes <= 1.1 * SMALL.image_bytes
+    # ... and the other nodes took theirs from peers.
+    assert result.bytes_by_source["peer"] > 0
+    assert result.bytes_by_source["registry"] <= 1.1 * SMALL.image_bytes
+    assert result.bytes_started == sum(result.bytes_by_source.values())
+    assert result.bound == pytest.approx(3.0)  # 24 MiB over 8 MiB/s
+    assert emulation.ingress in ("ifb", "bridge") and emulation.pull == "ctr images pull"
+    assert all(rx >= SMALL.image_bytes for rx in emulation.node_rx)
+    # Every namespace of the run is gone.
+    assert len(emulation.namespaces) == 1 + 1 + 3  # bridge, registry, nodes
+    assert not set(emulation.namespaces) & set(namespaces().split())
+
+
+def test_ifb_caps_ingress_inside_the_node(tmp_path: Path) -> None:
+    require_lab()
+    with Lan(tmp_path / "lan") as lan:
+        node = lan.add_node("a")
+        try:
+            node.limit(8 * MiB, ingress=4 * MiB, ingress_via="ifb")
+        except NetnsError as exc:
+            pytest.skip(f"no ifb here: {exc}")
+        shown = node.run(["tc", "qdisc", "show"]).stdout
+        assert f"dev {IFB_IFACE} root" in shown and "tbf" in shown and "ingress" in shown
+        node.limit(8 * MiB, ingress=4 * MiB, ingress_via="bridge")  # switches over
+        links = json.loads(node.run(["ip", "-j", "link", "show"]).stdout)
+        assert IFB_IFACE not in [link["ifname"] for link in links]
+        node.unlimit()
+        assert "tbf" not in node.run(["tc", "qdisc", "show"]).stdout
+
+
+def test_the_cli_takes_the_run_flags_and_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main_emulate(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--nodes", "--image-mb", "--node-up", "--registry", "--baseline",
+                 "--fetch-only", "--json"):
+        assert flag in out
