@@ -14,8 +14,9 @@ piece arrived for :data:`STUCK_AFTER`; ``tick``; then carry out ``next_actions``
 ``FetchUpstream`` a ``Range`` request to the registry per contiguous run, streamed as
 one flow per piece. Arrivals feed ``piece_received`` / ``upstream_received`` /
 ``refused``; held pieces are announced (full snapshot) within :data:`ANNOUNCE_DELAY`.
-Holders serve at most :data:`MAX_UPLOADS` requests at once; a request that waits
-:data:`BUSY_AFTER` for a slot is refused as busy, like ``p2pd/io/peer.py``.
+Holders serve at most :data:`MAX_UPLOADS` requests at once; up to :data:`MAX_WAITING`
+more wait for a slot and are refused as busy after :data:`BUSY_AFTER`, any beyond are
+refused at once, like ``p2pd/io/peer.py``; the asker's scheduler rests that peer.
 
 Simplifications (each a deliberate difference from the daemon):
 
@@ -31,10 +32,10 @@ Simplifications (each a deliberate difference from the daemon):
   pieces of an upstream run follow each other with one latency between them.
 - Lookup answers are fed incrementally: a holder whose bits only grew since it was last
   fed gets ``peer_has`` of the new pieces instead of ``peer_update`` of all of them (the
-  scheduler ends in the same state; ``_fed`` tracks what the scheduler believes, also
-  across busy refusals). Busy requests are queued FIFO at the holder for up to
-  :data:`BUSY_AFTER` exactly as the daemon's semaphore does; that is kept although it
-  makes most requests end in a refusal at 100+ nodes (a daemon finding, not a model cost).
+  scheduler ends in the same state; ``_fed`` tracks what the scheduler believes).
+  Busy requests are queued FIFO at the holder as the daemon's semaphore does. A holder
+  serves its slots to anyone; the daemon answers one request at a time per connection,
+  so one asker holds at most one of its slots (the rest wait in the TCP stream).
 - Constants are copied from ``p2pd/io/swarm.py`` and ``p2pd/io/peer.py`` (the simulation
   must not import trio); keep them in step.
 """
@@ -68,6 +69,8 @@ LEASE_TTL = 5.0
 STUCK_AFTER = LEASE_TTL + 1.0
 BUSY_AFTER = 1.0
 MAX_UPLOADS = 16
+MAX_WAITING = 4
+MAX_IN_FLIGHT = 16
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
 
 
@@ -160,14 +163,21 @@ class SimNode:
         elif self.uploading < MAX_UPLOADS:
             self._upload(asker, digest, index)
         else:
-            # Wait FIFO for a slot, for up to BUSY_AFTER. The busy refusal is sent now to
-            # arrive when the daemon's would (BUSY_AFTER plus one latency), and cancelled
-            # if a slot frees first: one event per refusal instead of two. Entries whose
-            # wait is over stay in the queue until a slot frees and are skipped then.
+            # Wait FIFO for a slot, for up to BUSY_AFTER, if fewer than MAX_WAITING wait
+            # already (else refused at once). The busy refusal is sent now to arrive when
+            # the daemon's would (BUSY_AFTER plus one latency), and cancelled if a slot
+            # frees first: one event per refusal instead of two. Waits are equally long,
+            # so expired entries are at the front of the queue.
+            queue, now = self._queue, self.engine.now
+            while queue and queue[0][3] <= now:
+                queue.popleft()
+            refuse = lambda: asker.downloads[digest].refused(self.name, index, True)  # noqa: E731
+            if len(queue) >= MAX_WAITING:
+                self._reply(asker, refuse)
+                return
             delay = BUSY_AFTER + self.network.latency(self.host, asker.host)
-            refusal = self.engine.schedule(
-                delay, lambda: asker.downloads[digest].refused(self.name, index, True))
-            self._queue.append((asker, digest, index, self.engine.now + BUSY_AFTER, refusal))
+            refusal = self.engine.schedule(delay, refuse)
+            queue.append((asker, digest, index, now + BUSY_AFTER, refusal))
 
     def _reply(self, asker: SimNode, deliver: Callable[[], None]) -> None:
         self.engine.schedule(self.network.latency(self.host, asker.host), deliver)
@@ -197,7 +207,8 @@ class BlobDownload:
     def __init__(self, node: SimNode, blob: BlobSpec) -> None:
         self.node, self.blob, self.engine = node, blob, node.engine
         self.layout = PieceLayout.for_size(blob.size)
-        self.sched = Scheduler(self.layout, rng=node.rng, scores=node.scores)
+        self.sched = Scheduler(self.layout, rng=node.rng, scores=node.scores,
+                               max_in_flight=MAX_IN_FLIGHT)
         self.coordinator = node.cluster.coordinator_of(blob.digest)
         self.upstream = range(0)
         self.solo = False
@@ -364,14 +375,10 @@ class BlobDownload:
     def refused(self, peer_id: str, index: int, busy: bool) -> None:
         """``peer_id`` refused ``index``: busy, or it does not hold it."""
         if busy:
-            # The scheduler forgets that ``peer_id`` holds ``index``: so does ``_fed``, and
-            # the next lookup hands the piece back with ``peer_has``.
-            fed = self._fed.get(peer_id)
-            if fed is not None:
-                self._fed[peer_id] = fed & ~(1 << index)
+            self.sched.busy(peer_id, index, self.engine.now)
         else:
             self.refused_by.setdefault(peer_id, set()).add(index)
-        self.sched.refused(peer_id, index, self.engine.now)
+            self.sched.refused(peer_id, index, self.engine.now)
         self.poke()
 
     def _fetch_upstream(self, indices: tuple[int, ...]) -> None:

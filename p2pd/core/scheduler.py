@@ -18,16 +18,20 @@ starts at once they all see the same single source, and a front preference would
 them all ask it for the same pieces, leaving them nothing to trade. The random order is
 per node, so nodes with the same view still ask for different pieces.
 
-Limits: at most ``max_in_flight_per_peer`` requests per peer (a timeout halves a peer's
-allowance, each piece it delivers adds one back; :class:`~p2pd.core.peerscore.InFlight`
-keeps that book); only pieces the peer is known to hold; never a peer blamed for a bad
-piece of this blob or banned in the shared :class:`~p2pd.core.peerscore.PeerScores`; one
-request per piece except in the *endgame* (at most ``endgame_threshold`` pieces missing,
-nothing pending that a peer could be asked for): flying pieces are asked again from other
-holders, up to ``endgame_copies`` copies, and the first copy in cancels the rest.
-Timeouts are progress-based: a request expires ``request_timeout`` after it was sent or
-last progressed; that peer is then taken not to hold the piece (as if it refused) until
-it announces it again, so the piece goes elsewhere.
+Limits: at most ``max_in_flight`` requests at once over all peers and
+``max_in_flight_per_peer`` per peer (a timeout halves a peer's allowance, each piece it
+delivers adds one back; :class:`~p2pd.core.peerscore.InFlight` keeps that book); when
+room frees, peers with allowance left take turns. A peer that refuses as *busy* (no
+upload slot) still holds the piece, but is asked nothing for ``busy_backoff`` (±50 %, so
+askers that were refused together do not come back together). Only pieces the peer is
+known to hold; never a peer blamed for a bad piece of this blob or banned in the shared
+:class:`~p2pd.core.peerscore.PeerScores`; one request per piece except in the *endgame*
+(at most ``endgame_threshold`` pieces missing, nothing pending that a peer could be
+asked for): flying pieces are asked again from other holders, up to ``endgame_copies``
+copies, and the first copy in cancels the rest. Timeouts are progress-based: a request
+expires ``request_timeout`` after it was sent or last progressed; that peer is then
+taken not to hold the piece (as if it refused) until it announces it again, so the piece
+goes elsewhere.
 
 Upstream: pending pieces no usable peer holds are candidates (:meth:`wanted_upstream`);
 only those in the upstream range (our lease, :meth:`set_upstream_range`) are fetched,
@@ -44,6 +48,7 @@ seed plus a sequence of events determines the actions.
 
 from __future__ import annotations
 
+import heapq
 import random
 from array import array
 from collections.abc import Iterable, Iterator
@@ -127,6 +132,7 @@ class Scheduler:
         ban_after: int = 3, have: Iterable[int] = (), scores: PeerScores | None = None,
         sequential_window: int = 8, endgame_copies: int = 2, upstream_batch: int = 8,
         upstream_retry_delay: float = 1.0, upstream_range: range | None = None,
+        max_in_flight: int | None = None, busy_backoff: float = 0.25,
     ) -> None:
         """``scores`` is shared between schedulers; without it a private one is made with
         ``ban_after`` (which is otherwise ignored). ``have`` lists pieces already held."""
@@ -138,6 +144,14 @@ class Scheduler:
         self.layout = layout
         self._n, self._full = n, (1 << n) - 1
         self._asked = InFlight(max_per_peer=max_in_flight_per_peer, timeout=request_timeout)
+        self._max_total = max_in_flight if max_in_flight is not None else 1 << 30
+        if self._max_total < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if busy_backoff < 0:
+            raise ValueError("busy_backoff cannot be negative")
+        self._rng, self._backoff = rng, busy_backoff
+        self._resting: dict[PeerId, float] = {}  # busy peers: not asked before
+        self._rest_heap: list[tuple[float, PeerId]] = []
         self._threshold = min(8, n) if endgame_threshold is None else endgame_threshold
         self._copies, self._batch = endgame_copies, upstream_batch
         self._window, self._retry = sequential_window, upstream_retry_delay
@@ -223,6 +237,21 @@ class Scheduler:
             self._retire(peer_id, index)
             self._forget_piece(peer_id, index)
 
+    def busy(self, peer_id: PeerId, index: int, now: float) -> None:
+        """``peer_id`` holds ``index`` but had no upload slot: ask others, and ask it
+        nothing for ``busy_backoff`` (±50 %, drawn from ``rng``)."""
+        self._check(index)
+        if peer_id in self._masks:
+            self._refusals += 1
+            self._retire(peer_id, index)
+            self._settle(index)
+            until = now + self._backoff * (0.5 + self._rng.random())
+            if until > self._resting.get(peer_id, 0.0):
+                self._resting[peer_id] = until
+                heapq.heappush(self._rest_heap, (until, peer_id))
+            self._dirty.pop(peer_id, None)
+            self._idle.pop(peer_id, None)
+
     def progress(self, peer_id: PeerId, index: int, now: float) -> None:
         """Bytes of ``index`` are arriving from ``peer_id``: restart its timeout."""
         self._asked.progress(peer_id, index, now)
@@ -257,6 +286,13 @@ class Scheduler:
             self._scores.record_timeout(peer_id)
             self._dirty[peer_id] = None
             self._forget_piece(peer_id, index)
+        heap, resting = self._rest_heap, self._resting
+        while heap and heap[0][0] <= now:
+            until, peer_id = heapq.heappop(heap)
+            if resting.get(peer_id) == until:
+                del resting[peer_id]
+                if peer_id in self._masks:
+                    self._dirty[peer_id] = None
         for index, when in list(self._hold.items()):
             if when <= now:
                 del self._hold[index]
@@ -278,6 +314,11 @@ class Scheduler:
         if self.in_endgame:
             for peer_id in list(self._idle):
                 self._fill(peer_id, now, True, actions)
+        elif self._pending and self._idle and len(self._asked) < self._max_total:
+            for peer_id in list(self._idle):  # room freed: peers the cap held back
+                self._fill(peer_id, now, False, actions)
+                if len(self._asked) >= self._max_total:
+                    break
         flying_up = self._upstream.bit_count()
         if self._range_mask and not self._seeds and flying_up * 2 <= self._batch:
             chosen: list[int] = []
@@ -299,6 +340,8 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has something to do (``None``: nothing is timed)."""
         times = [*self._hold.values()]
+        if self._rest_heap:
+            times.append(self._rest_heap[0][0])
         deadline = self._asked.next_deadline()
         return min(times if deadline is None else [deadline, *times], default=None)
 
@@ -462,8 +505,10 @@ class Scheduler:
 
     def _fill(self, peer_id: PeerId, now: float, endgame: bool, out: list[Action]) -> None:
         """Ask ``peer_id`` for pieces up to its allowance."""
+        if peer_id in self._resting:
+            return
         mask = self._masks[peer_id]
-        for _ in range(self._asked.free(peer_id)):
+        for _ in range(min(self._asked.free(peer_id), self._max_total - len(self._asked))):
             index = self._pick(mask)
             if index is None and endgame:
                 index = self._pick_duplicate(peer_id, mask)
@@ -475,10 +520,9 @@ class Scheduler:
                 self._unpend(index)
             self._sent += 1
             out.append(RequestPiece(peer_id, index))
+        self._idle.pop(peer_id, None)
         if self._asked.free(peer_id):
-            self._idle[peer_id] = None
-        else:
-            self._idle.pop(peer_id, None)
+            self._idle[peer_id] = None  # to the back: idle peers take turns
 
     def _pick(self, mask: int) -> int | None:
         """The pending piece to ask a peer holding ``mask`` for: rarest, window, rank."""

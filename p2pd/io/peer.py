@@ -50,6 +50,9 @@ SEND_TIMEOUT = 30.0
 """A piece the peer has not taken within this time ends the connection."""
 BUSY_AFTER = 1.0
 """A piece request that waits this long for an upload slot is refused as busy."""
+MAX_WAITING = 4
+"""With every upload slot taken and this many requests waiting, a request is refused as
+busy at once: the asker does better elsewhere than in a long queue here."""
 IDLE_TIMEOUT = 300.0
 
 PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
@@ -93,6 +96,7 @@ class PeerService:
     coordinator: Coordinating | None = None
     upload: Throttle = field(default_factory=lambda: Throttle(None))
     max_uploads: int = 16
+    max_waiting: int = MAX_WAITING
     _slots: trio.Semaphore | None = None
 
     async def serve(
@@ -151,10 +155,11 @@ class PeerService:
         """Answer a piece request within the upload slots and the upload rate."""
         if self._slots is None:
             self._slots = trio.Semaphore(self.max_uploads)
-        slot = False
-        with trio.move_on_after(BUSY_AFTER):  # only the wait for a slot may time out
-            await self._slots.acquire()
-            slot = True
+        slots, slot = self._slots, False
+        if slots.value or slots.statistics().tasks_waiting < self.max_waiting:
+            with trio.move_on_after(BUSY_AFTER):  # only the wait for a slot may time out
+                await slots.acquire()
+                slot = True
         if not slot:
             self.stats.refusals += 1
             await stream.send_all(conn.send(Refuse(request.request_id, request.digest,

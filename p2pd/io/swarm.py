@@ -58,6 +58,9 @@ RPC_TIMEOUT = 3.0
 """A coordinator that has not answered by then counts as unreachable (the pull goes on)."""
 PIECE_TIMEOUT = 30.0
 """A piece request given up for good (the scheduler re-asks elsewhere long before)."""
+MAX_IN_FLIGHT = 16
+"""Piece requests one blob's download keeps out at once, over all its peers: enough to
+fill a link, few enough that holders are not queued full of requests they cannot serve."""
 STUCK_AFTER = LEASE_TTL + 1.0
 """Pieces no usable peer has and nobody fetches for this long come from upstream anyway."""
 ZERO = bytes(32)
@@ -243,7 +246,8 @@ class _Fetch:
         self.swarm, self.digest, self.size = swarm, digest, size
         self.layout = PieceLayout.for_size(size)
         self.store, self.fetch_range, self.state = store, fetch_range, state
-        self.sched = Scheduler(self.layout, rng=swarm.rng, scores=swarm.scores)
+        self.sched = Scheduler(self.layout, rng=swarm.rng, scores=swarm.scores,
+                               max_in_flight=MAX_IN_FLIGHT)
         self.addrs: dict[str, str] = {}
         self.wake = trio.Event()
         self.announce_due = False
@@ -350,9 +354,10 @@ class _Fetch:
         now = trio.current_time()
         data = answer.data if isinstance(answer, Piece) else None
         busy = isinstance(answer, Refuse) and answer.reason == REFUSE_BUSY
-        if data is None or expected is None:
-            if not busy:  # a busy peer may serve it later; a missing piece stays missing
-                self.refused.setdefault(peer_id, set()).add(index)
+        if busy:  # it holds the piece: ask others, and it nothing for a moment
+            self.sched.busy(peer_id, index, now)
+        elif data is None or expected is None:
+            self.refused.setdefault(peer_id, set()).add(index)
             self.sched.refused(peer_id, index, now)
         elif not await self.store(index, data, "peer"):  # checks it against the table
             log.warning("blob %s: piece %d from %s failed its hash; blamed", self.digest[7:19],

@@ -160,6 +160,36 @@ def test_a_refused_piece_is_asked_elsewhere_and_not_again_from_the_refuser() -> 
     assert sched.statistics().refusals == 1
 
 
+def test_a_busy_peer_rests_then_is_asked_again_for_the_piece_it_holds() -> None:
+    sched = make(2, endgame_threshold=0, max_in_flight_per_peer=1, busy_backoff=1.0)
+    sched.peer_update("a", [0, 1], False, 0.0)
+    [first] = requested(sched.next_actions(0.0))
+    sched.busy("a", first, 1.0)
+    sched.tick(1.0)
+    assert sched.next_actions(1.0) == []  # resting: nothing asked of it
+    deadline = sched.next_deadline()
+    assert deadline is not None and 1.5 <= deadline <= 2.5  # backoff ±50 %
+    sched.peer_update("b", [first], False, 1.2)  # others are asked meanwhile
+    assert sched.next_actions(1.2) == [RequestPiece("b", first)]
+    sched.tick(deadline)
+    [again] = requested(sched.next_actions(deadline), "a")  # it still holds both
+    assert again == 1 - first
+    assert sched.statistics().refusals == 1
+
+
+def test_max_in_flight_caps_requests_over_all_peers_and_refills_as_pieces_arrive() -> None:
+    sched = make(12, max_in_flight_per_peer=4, max_in_flight=5, endgame_threshold=0)
+    for peer in "abc":
+        sched.peer_update(peer, range(12), True, 0.0)
+    first = [a for a in sched.next_actions(0.0) if isinstance(a, RequestPiece)]
+    assert len(first) == 5 and sched.statistics().in_flight == 5
+    sched.piece_received(first[0].peer_id, first[0].index, True, 1.0)
+    sched.refused(first[1].peer_id, first[1].index, 1.0)
+    more = requested(sched.next_actions(1.0))
+    assert len(more) == 2 and sched.statistics().in_flight == 5
+    assert first[0].index not in more  # held now
+
+
 def test_a_bad_piece_blames_the_peer_and_is_asked_elsewhere() -> None:
     scores = PeerScores()
     sched = make(4, scores=scores, max_in_flight_per_peer=2, endgame_threshold=0)
@@ -425,6 +455,8 @@ TIMEOUT = 5.0
 BATCH = 4
 RETRY = 1.0
 COPIES = 2
+TOTAL = 5  # max_in_flight over all peers
+BACKOFF = 1.0  # busy_backoff: a busy peer rests 0.5..1.5 of it
 
 peers = st.sampled_from(PEERS)
 pieces = st.integers(0, N - 1)
@@ -445,6 +477,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.up: set[int] = set()
         self.hold: dict[int, float] = {}
         self.lease = (0, 0)
+        self.busy_at: dict[str, float] = {}  # last busy refusal per peer
 
     @initialize(
         seed=st.integers(0, 2**32), have=st.sets(pieces, max_size=3),
@@ -455,7 +488,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched = make(
             N, seed=seed, have=have, max_in_flight_per_peer=MAX, request_timeout=TIMEOUT,
             endgame_threshold=threshold, upstream_batch=BATCH, upstream_retry_delay=RETRY,
-            endgame_copies=COPIES, scores=self.scores,
+            endgame_copies=COPIES, scores=self.scores, max_in_flight=TOTAL,
+            busy_backoff=BACKOFF,
         )
         self.held = set(have)
         self.threshold = threshold
@@ -525,6 +559,21 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: bool(self.asked))
     @rule(data=st.data())
+    def busy(self, data: st.DataObject) -> None:
+        peer, index = data.draw(st.sampled_from(sorted(self.asked)))
+        self.sched.busy(peer, index, self.now)
+        del self.asked[(peer, index)]
+        self.busy_at[peer] = self.now  # it still holds the piece
+
+    def resting(self, peer: str) -> bool | None:
+        """Whether ``peer`` must (True), may (None) or must not (False) be resting."""
+        since = self.busy_at.get(peer)
+        if since is None or since + 1.5 * BACKOFF <= self.now:
+            return False
+        return True if self.now < since + 0.5 * BACKOFF else None
+
+    @precondition(lambda self: bool(self.asked))
+    @rule(data=st.data())
     def progress(self, data: st.DataObject) -> None:
         key = data.draw(st.sampled_from(sorted(self.asked)))
         self.sched.progress(*key, self.now)
@@ -586,6 +635,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.asked[(peer, index)] = self.now
                 assert sum(p == peer for p, _ in self.asked) <= self.allowance[peer] <= MAX
                 assert sum(i == index for _, i in self.asked) + (index in self.up) <= COPIES
+                assert len(self.asked) <= TOTAL
+                assert self.resting(peer) is not True
             elif isinstance(action, CancelRequest):
                 assert action.index in self.held or action.peer_id in self.banned
             else:
@@ -597,6 +648,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                     self.up.add(index)
         # nothing left undone: every peer with allowance left has nothing to be asked
         for peer, held in self.known.items():
+            if len(self.asked) >= TOTAL or self.resting(peer) is not False:
+                continue
             if sum(p == peer for p, _ in self.asked) < self.allowance[peer]:
                 assert not [i for i in held if self.pending(i)], peer
         if len(self.up) * 2 <= BATCH:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
+from p2pd.io.peer import BUSY_AFTER, open_peer_link
 from p2pd.lab.daemon import P2pd, start_swarm
 from p2pd.lab.images import build_image, push_image
 from p2pd.lab.registry import Registry
@@ -51,3 +53,39 @@ def test_peer_limits(
         assert body == truth
         assert b.metric("p2pd_blob_bytes_fetched_total", source="peer") == size
         assert seconds >= (size - 1 * MiB) / (4 * MiB)  # 32 Mbit/s = 4 MB/s
+
+
+async def test_a_full_upload_queue_refuses_busy_at_once(
+    tmp_path: Path, registry: Registry, layer: tuple[str, bytes, int],
+) -> None:
+    """One slot (busy for seconds at 256 KiB/s): 4 requests wait for it (the default) and
+    are refused when BUSY_AFTER is up; requests beyond those are refused at once."""
+    url, truth, size = layer
+    digest = url.split("/blobs/")[1].split("?")[0]
+    with P2pd.start(tmp_path / "p2pd", registries={registry.host: registry.url},
+                    default_registry=registry.host, peer_port=0, node_id="node-a",
+                    extra=["--max-uploads", "1", "--upload-limit", "256KiB/s"]) as daemon:
+        assert _timed_get(daemon, url)[0] == truth
+        answers: list[tuple[float, bool]] = []  # (when, got the piece)
+        began = trio.current_time()
+
+        async def ask(name: str) -> None:
+            async with open_peer_link(daemon.peer_addr, name, None) as link:
+                data = await link.request_piece(digest, size, 0)
+                answers.append((trio.current_time() - began, data is not None))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "holder")
+                await trio.sleep(0.3)  # it has the slot now
+                for i in range(6):
+                    nursery.start_soon(ask, f"asker-{i}")
+    answers.sort()
+    # The holder's piece is sent at once; its slot stays taken while the upload limit
+    # pays for it (4 s at 256 KiB/s), so the others find no free slot.
+    assert answers[0][1] and not any(got for _, got in answers[1:])
+    assert len(answers) == 7
+    refused_at_once, refused_after_wait = answers[1:3], answers[3:]
+    # two did not wait for a slot; the others waited BUSY_AFTER for one
+    assert max(t for t, _ in refused_at_once) + BUSY_AFTER / 2 < min(
+        t for t, _ in refused_after_wait)

@@ -1,9 +1,10 @@
-"""The upload side of a simulated node: busy requests wait FIFO, then are refused."""
+"""The upload side of a simulated node: busy requests wait FIFO, then are refused; beyond
+MAX_WAITING waiters they are refused at once."""
 
 import pytest
 
 from simulations.cluster import Cluster, MiB, Scenario
-from simulations.node import BUSY_AFTER, MAX_UPLOADS, BlobDownload, SimNode
+from simulations.node import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING, BlobDownload, SimNode
 
 SCENARIO = Scenario(nodes=2, image_bytes=8 * MiB, layers=1, node_up=10 * MiB,
                     node_down=100 * MiB, registry_up=10 * MiB, seed=1)
@@ -41,3 +42,15 @@ def test_a_queued_request_gets_the_next_free_slot() -> None:
     cluster.engine.run()
     assert [(kind, index) for kind, _, index in seen] == [("piece", 0), ("piece", 1)]
     assert not holder._queue
+
+
+def test_beyond_max_waiting_a_request_is_refused_at_once() -> None:
+    cluster, holder, asker, seen = _pair()
+    digest = SCENARIO.blobs()[0].digest
+    holder.uploading = MAX_UPLOADS  # every slot taken, none frees
+    for _ in range(MAX_WAITING + 1):
+        holder.on_request(asker, digest, 1)
+    cluster.engine.run()
+    latency = cluster.network.latency(holder.host, asker.host)
+    assert [when for _, when, _ in seen] == [pytest.approx(latency)] + [
+        pytest.approx(BUSY_AFTER + latency)] * MAX_WAITING
