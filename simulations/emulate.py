@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -73,7 +74,8 @@ class Emulation:
     starts: tuple[float, ...]  # each node's start after the first, in node order
     node_rx: tuple[int, ...]  # bytes each node received on eth0 during the pulls
     cpu: dict[str, float]  # CPU seconds during the pulls, by process kind
-    busy: float  # fraction of all CPUs busy during the pulls
+    load: float  # CPU seconds of the lab's processes over (pull seconds x CPUs)
+    busy: float  # fraction of all CPUs busy during the pulls (other work included)
     namespaces: tuple[str, ...]  # the lan's network namespaces (all deleted by now)
     latency: str = LATENCY_NOTE
     notes: tuple[str, ...] = field(default=())
@@ -152,12 +154,13 @@ def emulate(scenario: Scenario, *, workdir: Path | None = None, mode: str = "p2p
         sources = {"registry": registry_bytes}
     cpu = {kind: round(cpu1[kind] - cpu0[kind], 2) for kind in cpu1}
     cpu["ctr"] = round(ctr1 - ctr0, 2)
+    wall = max(p.ended for p in pulls) - first
     result = Result(
         mode=f"emulation-{mode}", nodes=scenario.nodes, image_bytes=scenario.image_bytes,
         completion=tuple(sorted(p.ended - first for p in pulls)),
         registry_bytes=registry_bytes, bytes_by_source=sources,
         bytes_started=sum(sources.values()), bound=kumar_ross_bound(scenario), events=0,
-        wall=max(p.ended for p in pulls) - first,
+        wall=wall,
     )
     notes: list[str] = []
     if mode == "p2p":
@@ -168,6 +171,7 @@ def emulate(scenario: Scenario, *, workdir: Path | None = None, mode: str = "p2p
         result=result, ingress=lab.ingress, pull=pull, setup=round(setup, 2),
         teardown=round(teardown, 2), starts=tuple(round(p.started - first, 4) for p in pulls),
         node_rx=tuple(b - a for a, b in zip(rx0, rx1, strict=True)), cpu=cpu,
+        load=round(sum(cpu.values()) / (wall * (os.cpu_count() or 1)), 3),
         busy=round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3), namespaces=netns,
         notes=tuple(notes),
     )
@@ -186,7 +190,8 @@ def format_emulation(emulation: Emulation) -> str:
     return "\n".join([
         f"pulls: `{emulation.pull}`; ingress caps via {emulation.ingress}; latency "
         f"{emulation.latency}",
-        f"CPU s during pulls: {cpu}; machine busy {emulation.busy:.0%}",
+        f"CPU s during pulls: {cpu} ({emulation.load:.0%} of the machine); all CPUs "
+        f"busy {emulation.busy:.0%}",
         f"received per node: {min(rx) / MiB:.1f}..{max(rx) / MiB:.1f} MiB; pulls started "
         f"within {max(emulation.starts) * 1000:.0f} ms",
         f"lab setup {emulation.setup:.1f} s, teardown {emulation.teardown:.1f} s",

@@ -128,7 +128,8 @@ def _line(row: Row, tolerance: float) -> str:
             f"{emu.makespan:7.2f} {sim.makespan:7.2f} {row.ratio(1.0):5.2f} | "
             f"{emu.registry_bytes / sc.image_bytes:5.2f} "
             f"{sim.registry_bytes / sc.image_bytes:5.2f} | {sim.bound:6.2f} | "
-            f"{row.emulation.busy:4.0%} | {'yes' if row.agrees(tolerance) else 'NO'}")
+            f"{row.emulation.load:4.0%} {row.emulation.busy:4.0%} | "
+            f"{'yes' if row.agrees(tolerance) else 'NO'}")
 
 
 def format_validation(validation: Validation) -> str:
@@ -145,7 +146,7 @@ def format_validation(validation: Validation) -> str:
                      f"`{rows[0].emulation.pull}`, ingress via {rows[0].emulation.ingress}")
     lines += [
         "  N   MiB |   p50 s: emu     sim ratio |   max s: emu     sim ratio | "
-        "egress xF: emu sim | bound | CPU | within",
+        "egress xF: emu sim | bound | CPU lab all | within",
         *(_line(row, validation.tolerance) for row in rows),
         f"{sum(r.agrees(validation.tolerance) for r in rows)} of {len(rows)} rows within "
         f"{validation.tolerance:.0%} (p50 and max); validate wall {validation.wall:.0f} s",
