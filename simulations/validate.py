@@ -3,16 +3,19 @@
 How it works. For every node count and image size asked for (by default N = 4, 8, 16
 and 32 and 64 MiB), one :class:`~simulations.cluster.Scenario` is run twice: emulated
 with real daemons (:func:`simulations.emulate.emulate`, p2p mode) and simulated
-(:func:`simulations.cluster.run_p2p`). A :class:`Row` holds both results; it agrees when
-the simulated p50 and max completion times are each within ``tolerance`` (15 %) of the
-emulated ones. The table gives both, their ratio (simulated / emulated), and the
-registry egress of each.
+(:func:`simulations.cluster.run_p2p`); ``--direct`` adds the same pair for the direct
+baseline (:func:`~simulations.cluster.run_direct`), which checks the emulated network
+against the simulated one without the daemons in the way. A :class:`Row` holds both
+results; it agrees when the simulated p50 and max completion times are each within
+``tolerance`` (15 %) of the emulated ones. The table gives both, their ratio (simulated /
+emulated), the registry egress of each, and the CPU share of the lab's processes and of
+the whole machine during the pulls.
 
 The emulation cannot delay packets (no ``netem`` here), so the scenarios describe the
 lan as it is: ``latency`` 0.05 ms one way and ``registry_latency`` 2 ms (a local
 ``docker-registry`` answering), unless told otherwise. The default caps (node 4 MiB/s up
-and down, registry 8 MiB/s) keep the 2-CPU machine network-bound up to 16 nodes; the
-emulation reports how busy the CPUs were beside each row.
+and down, registry 8 MiB/s) keep 4 and 8 nodes network-bound on 2 CPUs; at 16 nodes the
+daemons alone use about one CPU, so read those rows with the CPU columns.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.cluster import MiB, Result, Scenario, run_p2p
+from simulations.cluster import MiB, Result, Scenario, run_direct, run_p2p
 from simulations.emulab import EmulationError, Log
 from simulations.emulate import Emulation, emulate
 
@@ -44,6 +47,7 @@ class Row:
     scenario: Scenario
     emulation: Emulation
     simulated: Result
+    mode: str = "p2p"
 
     @property
     def emulated(self) -> Result:
@@ -62,7 +66,8 @@ class Row:
         """The row's figures (JSON-ready)."""
         emu, sim, sc = self.emulated, self.simulated, self.scenario
         return {
-            "nodes": sc.nodes, "image_bytes": sc.image_bytes, "layers": sc.layers,
+            "mode": self.mode, "nodes": sc.nodes, "image_bytes": sc.image_bytes,
+            "layers": sc.layers,
             "p50": {"emulated": emu.percentile(0.5), "simulated": sim.percentile(0.5),
                     "ratio": self.ratio(0.5)},
             "max": {"emulated": emu.makespan, "simulated": sim.makespan,
@@ -108,22 +113,25 @@ def scenarios(nodes: Sequence[int] = NODES, images_mb: Sequence[float] = IMAGES_
 
 def run_validation(scenario_list: Sequence[Scenario], *, workdir: Path | None = None,
                    log: Log = print, fetch_only: bool = False,
-                   tolerance: float = TOLERANCE) -> Validation:
-    """Emulate and simulate every scenario in turn (see the module)."""
+                   tolerance: float = TOLERANCE,
+                   modes: Sequence[str] = ("p2p",)) -> Validation:
+    """Emulate and simulate every scenario in every mode in turn (see the module)."""
     began, rows = time.monotonic(), []
-    for k, scenario in enumerate(scenario_list):
-        log(f"[{k + 1}/{len(scenario_list)}] {scenario.nodes} nodes, "
+    runs = [(scenario, mode) for scenario in scenario_list for mode in modes]
+    for k, (scenario, mode) in enumerate(runs):
+        log(f"[{k + 1}/{len(runs)}] {mode}: {scenario.nodes} nodes, "
             f"{scenario.image_bytes / MiB:.0f} MiB in {scenario.layers} layers")
-        emulation = emulate(scenario, log=log, fetch_only=fetch_only,
+        emulation = emulate(scenario, log=log, fetch_only=fetch_only, mode=mode,
                             workdir=None if workdir is None else workdir / f"run{k}")
-        rows.append(Row(scenario, emulation, run_p2p(scenario)))
+        simulated = run_p2p(scenario) if mode == "p2p" else run_direct(scenario)
+        rows.append(Row(scenario, emulation, simulated, mode))
         log("  " + _line(rows[-1], tolerance))
     return Validation(tuple(rows), tolerance, time.monotonic() - began)
 
 
 def _line(row: Row, tolerance: float) -> str:
     emu, sim, sc = row.emulated, row.simulated, row.scenario
-    return (f"{sc.nodes:>3} {sc.image_bytes / MiB:>5.0f} | "
+    return (f"{row.mode:>6} {sc.nodes:>3} {sc.image_bytes / MiB:>5.0f} | "
             f"{emu.percentile(0.5):7.2f} {sim.percentile(0.5):7.2f} {row.ratio(0.5):5.2f} | "
             f"{emu.makespan:7.2f} {sim.makespan:7.2f} {row.ratio(1.0):5.2f} | "
             f"{emu.registry_bytes / sc.image_bytes:5.2f} "
@@ -145,7 +153,7 @@ def format_validation(validation: Validation) -> str:
                      f"{first.registry_latency * 1000:g} ms; emulation pulls with "
                      f"`{rows[0].emulation.pull}`, ingress via {rows[0].emulation.ingress}")
     lines += [
-        "  N   MiB |   p50 s: emu     sim ratio |   max s: emu     sim ratio | "
+        "  mode   N   MiB |   p50 s: emu     sim ratio |   max s: emu     sim ratio | "
         "egress xF: emu sim | bound | CPU lab all | within",
         *(_line(row, validation.tolerance) for row in rows),
         f"{sum(r.agrees(validation.tolerance) for r in rows)} of {len(rows)} rows within "
@@ -177,6 +185,8 @@ def add_validate_parser(
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--fetch-only", action="store_true",
                         help="ctr content fetch (no unpacking) instead of ctr images pull")
+    parser.add_argument("--direct", action="store_true",
+                        help="also compare the direct baseline (every node from the registry)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep each run's logs under DIR/runK")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -193,7 +203,8 @@ def validate_command(args: argparse.Namespace) -> int:
     log: Log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
         validation = run_validation(chosen, workdir=args.workdir, log=log,
-                                    fetch_only=args.fetch_only, tolerance=args.tolerance)
+                                    fetch_only=args.fetch_only, tolerance=args.tolerance,
+                                    modes=("p2p", "direct") if args.direct else ("p2p",))
     except EmulationError as exc:
         print(f"validate: {exc}", file=sys.stderr)
         return 2

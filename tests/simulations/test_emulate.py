@@ -2,7 +2,8 @@
 
 One small p2p emulation (3 nodes, a 24 MiB image in 2 layers, 8 MiB/s caps) must finish
 with every node's pull done, about one copy out of the registry, bytes from peers, and
-no namespace left behind; plus the ifb ingress cap on its own.
+no namespace left behind; plus the ifb ingress cap on its own, the CLI's flags, and the
+validation table's arithmetic.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import pytest
 
 from p2pd.lab.netns import IFB_IFACE, Lan, NetnsError, netns_unavailable
 from p2pd.lab.procs import missing_bins
-from simulations.cluster import MiB, Scenario
-from simulations.emulate import BINARIES, emulate, main_emulate
+from simulations.cluster import MiB, Result, Scenario
+from simulations.emulate import BINARIES, Emulation, emulate, main_emulate
+from simulations.validate import Row, Validation, format_validation, scenarios
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +88,25 @@ def test_the_cli_takes_the_run_flags_and_its_own(capsys: pytest.CaptureFixture[s
     for flag in ("--nodes", "--image-mb", "--node-up", "--registry", "--baseline",
                  "--fetch-only", "--json"):
         assert flag in out
+
+
+def _result(mode: str, completion: tuple[float, ...]) -> Result:
+    return Result(mode=mode, nodes=len(completion), image_bytes=SMALL.image_bytes,
+                  completion=completion, registry_bytes=SMALL.image_bytes,
+                  bytes_by_source={"registry": SMALL.image_bytes}, bytes_started=0,
+                  bound=3.0, events=0, wall=completion[-1])
+
+
+def test_a_row_agrees_when_p50_and_max_are_both_within_the_tolerance() -> None:
+    emulated = _result("emulation-p2p", (4.0, 5.0, 6.0))
+    emulation = Emulation(result=emulated, ingress="ifb", pull="ctr images pull", setup=1.0,
+                          teardown=0.5, starts=(0.0, 0.0, 0.0), node_rx=(1, 1, 1),
+                          cpu={"p2pd": 1.0}, load=0.2, busy=0.3, namespaces=())
+    close = Row(SMALL, emulation, _result("p2p", (4.0, 5.5, 6.6)))
+    assert close.ratio(0.5) == pytest.approx(1.1) and close.agrees()
+    assert not Row(SMALL, emulation, _result("p2p", (4.0, 5.0, 7.0))).agrees()  # max 1.17
+    validation = Validation((close,), 0.15, 12.0)
+    assert validation.agrees and validation.summary()["rows"][0]["agrees"]  # type: ignore[index]
+    table = format_validation(validation)
+    assert "1 of 1 rows within 15%" in table and "ifb" in table
+    assert [s.nodes for s in scenarios((4, 8), (32.0,))] == [4, 8]
