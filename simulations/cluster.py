@@ -1,27 +1,42 @@
 """Scenarios and runs: a cluster of :class:`~simulations.node.SimNode` and a registry.
 
-A :class:`Scenario` fixes the cluster (nodes, their upload/download capacity, link
-latency), the registry (egress capacity, time to answer a request) and the image (total
-size cut into ``layers`` blobs of equal size). :func:`run_p2p` starts every node at once
-and runs until the last one holds every blob; :func:`run_direct` is the baseline where
-every node pulls each layer from the registry as one flow, sharing its egress. Both
-return a :class:`Result` with per-node completion percentiles, bytes by source and the
-Kumar-Ross lower bound on the time until every node is done.
+A :class:`Scenario` fixes the cluster (nodes, their upload/download capacity and disk
+throughput, link latency), the registry (egress capacity, time to answer a request), the
+image (``layer_sizes``, or ``image_bytes`` cut into ``layers`` equal blobs), when nodes
+start (``arrival``), which fail (``failures`` crash at ``fail_at``) and the daemon's own
+:class:`~simulations.node.Limits`. :func:`run_p2p` runs p2pd; the baselines — every
+node straight from the registry, and a Spegel-like mirror that shares only complete
+layers — are in :mod:`simulations.baselines`. All return a :class:`Result`: per-node pull
+times (each from its own start), when the last node was done, bytes by source, registry
+egress over time and the Kumar-Ross lower bound.
+
+Arrivals (:class:`Rollout`): ``all`` start at 0; ``rolling`` starts ``batch`` (a
+fraction) of the nodes, and the next batch when every node of the previous one is done,
+as a Deployment's rolling update with that ``maxUnavailable`` would; ``staggered``
+starts one node every ``stagger`` seconds. Nodes start in a seeded random order.
+
+Failures: ``failures`` nodes drawn at random crash at ``fail_at``; after ``detect``
+seconds the others stop counting them as members (coordinators move, their holder
+entries are forgotten). Crashed nodes are left out of the pull times.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from p2pd.core.membership import Member, coordinator_for
 from simulations.engine import Engine
 from simulations.network import Network
-from simulations.node import BlobSpec, SimNode
+from simulations.node import BlobSpec, Limits, SimNode
 
 MiB = 1 << 20
+ARRIVALS = ("all", "rolling", "staggered")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,45 +54,81 @@ class Scenario:
     registry_latency: float = 0.02
     seed: int = 0
     exact: bool = False  # exact max-min rates on every change (slow; for checking)
+    limits: Limits = field(default_factory=Limits)
+    layer_sizes: tuple[int, ...] = ()  # the layers; if given, image_bytes is their sum
+    disk: float | None = None  # per-node disk throughput: caps its upload and download
+    arrival: str = "all"
+    batch: float = 0.1  # rolling: fraction of the nodes per batch
+    stagger: float = 1.0  # staggered: seconds between starts
+    failures: int = 0
+    fail_at: float = 1.0
+    detect: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ValueError("need at least one node")
+        if self.layer_sizes and sum(self.layer_sizes) != self.image_bytes:
+            raise ValueError("image_bytes must be the sum of layer_sizes")
+        if self.arrival not in ARRIVALS:
+            raise ValueError(f"arrival must be one of {', '.join(ARRIVALS)}")
+        if not 0 < self.batch <= 1 or self.stagger < 0:
+            raise ValueError("batch must be in (0, 1] and stagger not negative")
+        if not 0 <= self.failures < self.nodes:
+            raise ValueError("failures must leave at least one node")
 
     def blobs(self) -> list[BlobSpec]:
-        """The image's layers: equal sizes, the remainder in the last one."""
-        if self.layers < 1 or self.image_bytes < self.layers:
-            raise ValueError("need at least one layer and one byte per layer")
-        size, extra = divmod(self.image_bytes, self.layers)
-        return [
-            BlobSpec("sha256:" + hashlib.sha256(f"layer-{k}".encode()).hexdigest(),
-                     size + (extra if k == self.layers - 1 else 0))
-            for k in range(self.layers)
-        ]
+        """The image's layers: ``layer_sizes``, or equal sizes with the remainder last."""
+        if self.layer_sizes:
+            sizes = list(self.layer_sizes)
+        else:
+            if self.layers < 1 or self.image_bytes < self.layers:
+                raise ValueError("need at least one layer and one byte per layer")
+            size, extra = divmod(self.image_bytes, self.layers)
+            sizes = [size] * self.layers
+            sizes[-1] += extra
+        return [BlobSpec("sha256:" + hashlib.sha256(f"layer-{k}".encode()).hexdigest(), n)
+                for k, n in enumerate(sizes)]
+
+    @property
+    def up(self) -> float:
+        """A node's upload capacity, its disk included."""
+        return min(self.node_up, self.disk or math.inf)
+
+    @property
+    def down(self) -> float:
+        """A node's download capacity, its disk included."""
+        return min(self.node_down, self.disk or math.inf)
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """What a run measured. Times in seconds of virtual time from the common start."""
+    """What a run measured. Times in seconds of virtual time."""
 
     mode: str
     nodes: int
     image_bytes: int
-    completion: tuple[float, ...] = field(repr=False)  # per node, sorted
+    completion: tuple[float, ...] = field(repr=False)  # per live node, its pull time, sorted
     registry_bytes: int
     bytes_by_source: dict[str, int]
     bytes_started: int
     bound: float
     events: int
     wall: float
+    end: float = 0.0  # when the last live node was done, from the common start
+    failed: int = 0
     scheduler: dict[str, int] = field(default_factory=dict)
     coordinator: dict[str, int] = field(default_factory=dict)
+    registry_series: tuple[tuple[float, int], ...] = field(default=(), repr=False)
 
     def percentile(self, q: float) -> float:
-        """The nearest-rank ``q`` quantile (0 < q <= 1) of the completion times."""
+        """The nearest-rank ``q`` quantile (0 < q <= 1) of the pull times."""
         ordered = self.completion
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
     @property
     def makespan(self) -> float:
-        """When the last node was done."""
-        return self.completion[-1]
+        """When the last node was done, from the common start."""
+        return max(self.end, self.completion[-1])
 
     @property
     def ratio(self) -> float:
@@ -87,46 +138,111 @@ class Result:
     def summary(self) -> dict[str, object]:
         """The figures the CLI prints (JSON-ready)."""
         data = asdict(self)
-        del data["completion"]
+        del data["completion"], data["registry_series"]
         data.update(p50=self.percentile(0.5), p90=self.percentile(0.9),
-                    p99=self.percentile(0.99), max=self.makespan, ratio=self.ratio,
+                    p99=self.percentile(0.99), p999=self.percentile(0.999),
+                    slowest=self.completion[-1], max=self.makespan, ratio=self.ratio,
                     registry_copies=self.registry_bytes / self.image_bytes)
         return data
 
 
 def kumar_ross_bound(scenario: Scenario) -> float:
     """``max(F/u_registry, F/d_min, N·F/(u_registry + Σ u_i))``: the least time until all
-    N nodes hold the F-byte image (Kumar & Ross, 2006; no node holds it at the start)."""
+    N nodes hold the F-byte image when all start at once (Kumar & Ross, 2006; no node
+    holds it at the start). With staggered starts the last node cannot finish before
+    its start plus ``F/d_min`` either."""
     f, n = scenario.image_bytes, scenario.nodes
-    return max(f / scenario.registry_up, f / scenario.node_down,
-               n * f / (scenario.registry_up + n * scenario.node_up))
+    bound = max(f / scenario.registry_up, f / scenario.down,
+                n * f / (scenario.registry_up + n * scenario.up))
+    if scenario.arrival == "staggered":
+        bound = max(bound, (n - 1) * scenario.stagger + f / scenario.down)
+    return bound
+
+
+def node_names(scenario: Scenario) -> list[str]:
+    """The nodes' names, in index order."""
+    return [f"node-{i:05d}" for i in range(scenario.nodes)]
+
+
+class Rollout:
+    """When each node starts (see the module docstring); ``done`` reports finished nodes."""
+
+    def __init__(self, scenario: Scenario, engine: Engine, names: list[str],
+                 start: Callable[[str], None]) -> None:
+        self.scenario, self.engine, self._start = scenario, engine, start
+        self.order = list(names)
+        random.Random(scenario.seed ^ 0x5EED).shuffle(self.order)
+        self._next = 0
+        self._open: set[str] = set()  # started in this batch, not done
+
+    def begin(self) -> None:
+        """Schedule or start the first nodes."""
+        arrival = self.scenario.arrival
+        if arrival == "all":
+            self._start_next(len(self.order))
+        elif arrival == "staggered":
+            for i, name in enumerate(self.order):
+                self.engine.schedule(i * self.scenario.stagger, partial(self._start, name))
+        else:
+            self._batch()
+
+    def _batch(self) -> None:
+        size = max(1, round(self.scenario.batch * len(self.order)))
+        self._open = set(self.order[self._next:self._next + size])
+        self._start_next(size)
+
+    def _start_next(self, count: int) -> None:
+        names = self.order[self._next:self._next + count]
+        self._next += len(names)
+        for name in names:
+            self._start(name)
+
+    def done(self, name: str) -> None:
+        """``name`` finished or failed; in a rolling update the next batch may start."""
+        if self.scenario.arrival != "rolling" or name not in self._open:
+            return
+        self._open.discard(name)
+        if not self._open and self._next < len(self.order):
+            self._batch()
+
+
+def pick_victims(scenario: Scenario, names: list[str]) -> list[str]:
+    """The nodes that crash, drawn with the scenario's seed."""
+    return random.Random(scenario.seed ^ 0xFA11).sample(names, scenario.failures)
 
 
 class Cluster:
     """The engine, network, registry host and nodes of one p2p run."""
 
     def __init__(self, scenario: Scenario) -> None:
-        if scenario.nodes < 1:
-            raise ValueError("need at least one node")
         self.scenario = scenario
         self.engine = Engine(scenario.seed)
-        self.network = Network(self.engine, exact=scenario.exact)
+        self.network = Network(self.engine, exact=scenario.exact, series=("registry",))
         self.registry = self.network.add_host("registry", up=scenario.registry_up,
                                               latency=scenario.latency)
         self.registry_latency = scenario.registry_latency
+        self.blobs = scenario.blobs()
         self.nodes: dict[str, SimNode] = {}
-        for i in range(scenario.nodes):
-            name = f"node-{i:05d}"
-            host = self.network.add_host(name, up=scenario.node_up, down=scenario.node_down,
+        for name in node_names(scenario):
+            host = self.network.add_host(name, up=scenario.up, down=scenario.down,
                                          latency=scenario.latency)
             self.nodes[name] = SimNode(self, name, host, self.engine.child_rng())
         self._members = [Member(name, name) for name in self.nodes]
         self._coordinators: dict[str, SimNode] = {}
+        self.rollout = Rollout(scenario, self.engine, list(self.nodes), self._start)
+        self.victims = pick_victims(scenario, list(self.nodes))
         self.finished = False
-        self._done = 0
+        self._left = scenario.nodes
+
+    def _start(self, name: str) -> None:
+        node = self.nodes[name]
+        if node.crashed:  # its batch must not wait for it
+            self.engine.schedule(0.0, lambda: self.rollout.done(name))
+        else:
+            node.start(self.blobs)
 
     def coordinator_of(self, digest: str) -> SimNode:
-        """The node that coordinates ``digest`` (every member is alive throughout)."""
+        """The node that coordinates ``digest`` among the members."""
         node = self._coordinators.get(digest)
         if node is None:
             member = coordinator_for(digest, self._members)
@@ -134,19 +250,35 @@ class Cluster:
         return node
 
     def node_done(self, node: SimNode) -> None:
-        """Called by each node once it holds every blob."""
-        self._done += 1
-        if self._done == len(self.nodes):
+        """Called by each node once it holds every blob (or has crashed)."""
+        self._left -= 1
+        if not self._left:
             self.finished = True
+        self.rollout.done(node.name)
+
+    def _crash(self, name: str) -> None:
+        node = self.nodes[name]
+        node.crash()
+        if node.done_at is None:
+            self.node_done(node)
+        self.engine.schedule(self.scenario.detect, lambda: self._detected(name))
+
+    def _detected(self, name: str) -> None:
+        self._members = [m for m in self._members if m.node_id != name]
+        self._coordinators.clear()
+        for node in self.nodes.values():
+            if not node.crashed:
+                node.coordinator.forget(name)
 
     def run(self, until: float | None = None) -> Result:
-        """Start every node now and run until all are done and no flow is left."""
+        """Start the rollout and run until every live node is done and no flow is left."""
         began = time.perf_counter()
-        blobs = self.scenario.blobs()
-        for node in self.nodes.values():
-            node.start(blobs)
+        for name in self.victims:
+            self.engine.schedule(self.scenario.fail_at, partial(self._crash, name))
+        self.rollout.begin()
         self.engine.run(until)
-        missing = [n.name for n in self.nodes.values() if n.done_at is None]
+        live = [n for n in self.nodes.values() if not n.crashed]
+        missing = [n.name for n in live if n.done_at is None]
         if missing:
             raise RuntimeError(f"{len(missing)} nodes did not finish, e.g. {missing[0]}")
         wall = time.perf_counter() - began
@@ -163,53 +295,29 @@ class Cluster:
         leases = sum(n.coordinator.statistics().leases_granted for n in self.nodes.values())
         return Result(
             mode="p2p", nodes=len(self.nodes), image_bytes=self.scenario.image_bytes,
-            completion=tuple(sorted(n.done_at - n.started_at for n in self.nodes.values()
-                                    if n.done_at is not None)),
-            registry_bytes=stats.bytes_by_tag.get("registry", 0),
+            completion=tuple(sorted(n.done_at - n.started_at for n in live
+                                    if n.done_at is not None and n.started_at is not None)),
+            end=max((n.done_at for n in live if n.done_at is not None), default=0.0),
+            failed=len(self.victims), registry_bytes=stats.bytes_by_tag.get("registry", 0),
             bytes_by_source=stats.bytes_by_tag, bytes_started=stats.bytes_started,
             bound=kumar_ross_bound(self.scenario), events=self.engine.statistics().events,
             wall=wall, scheduler=sched, coordinator={"leases_granted": leases},
+            registry_series=tuple(self.network.series["registry"]),
         )
 
 
 def run_p2p(scenario: Scenario) -> Result:
-    """Every node pulls the image through the swarm at once."""
+    """The nodes pull the image through p2pd's swarm."""
     return Cluster(scenario).run()
 
 
 def run_direct(scenario: Scenario) -> Result:
-    """The baseline: every node pulls every layer straight from the registry at once."""
-    began = time.perf_counter()
-    engine = Engine(scenario.seed)
-    network = Network(engine, exact=scenario.exact)
-    registry = network.add_host("registry", up=scenario.registry_up, latency=scenario.latency)
-    blobs = scenario.blobs()
-    done_at: list[float] = []
+    """The baseline: every node pulls straight from the registry (see baselines)."""
+    from simulations.baselines import run_layers
+    return run_layers(scenario, share=False)
 
-    def pull(name: str) -> None:
-        host = network.add_host(name, up=scenario.node_up, down=scenario.node_down,
-                                latency=scenario.latency)
-        left = [len(blobs)]
 
-        def got() -> None:
-            left[0] -= 1
-            if not left[0]:
-                done_at.append(engine.now)
-
-        def begin() -> None:
-            for blob in blobs:
-                network.transfer(registry, host, blob.size, got, tag="registry")
-
-        engine.schedule(network.latency(host, registry) + scenario.registry_latency, begin)
-
-    for i in range(scenario.nodes):
-        pull(f"node-{i:05d}")
-    engine.run()
-    stats = network.statistics()
-    return Result(
-        mode="direct", nodes=scenario.nodes, image_bytes=scenario.image_bytes,
-        completion=tuple(sorted(done_at)), registry_bytes=stats.bytes_by_tag.get("registry", 0),
-        bytes_by_source=stats.bytes_by_tag, bytes_started=stats.bytes_started,
-        bound=kumar_ross_bound(scenario), events=engine.statistics().events,
-        wall=time.perf_counter() - began,
-    )
+def run_spegel(scenario: Scenario) -> Result:
+    """The Spegel-like baseline: complete layers shared (see baselines)."""
+    from simulations.baselines import run_layers
+    return run_layers(scenario, share=True)

@@ -110,9 +110,13 @@ class NetworkStatistics:
 class Network:
     """The hosts of a run and the flows between them, on ``engine``'s clock."""
 
-    def __init__(self, engine: Engine, *, exact: bool = False) -> None:
+    def __init__(self, engine: Engine, *, exact: bool = False,
+                 series: tuple[str, ...] = ()) -> None:
+        """``series``: tags whose deliveries are logged as ``(time, bytes)`` in
+        :attr:`series` (e.g. registry egress over time)."""
         self.engine = engine
         self.exact = exact
+        self.series: dict[str, list[tuple[float, int]]] = {tag: [] for tag in series}
         self.hosts: dict[str, Host] = {}
         self._flows: dict[Flow, None] = {}
         self._dirty: dict[Resource, None] = {}
@@ -196,6 +200,9 @@ class Network:
                 flow.timer = self.engine.schedule_at(end, flow.finish)
                 return
         self._bytes[flow.tag] += flow.size
+        log = self.series.get(flow.tag)
+        if log is not None:
+            log.append((now, flow.size))
         self._counts[1] += 1
         self._remove(flow)
         delay = self.latency(flow.src, flow.dst)

@@ -46,6 +46,7 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from p2pd.core.coordinator import Coordinator, Lease, PeerList
@@ -53,7 +54,7 @@ from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.scheduler import CancelRequest, FetchUpstream, RequestPiece, Scheduler
 from simulations.engine import Engine, Timer
-from simulations.network import Host, Network
+from simulations.network import Flow, Host, Network
 
 if TYPE_CHECKING:
     from simulations.cluster import Cluster
@@ -70,8 +71,32 @@ STUCK_AFTER = LEASE_TTL + 1.0
 BUSY_AFTER = 1.0
 MAX_UPLOADS = 16
 MAX_WAITING = 4
-MAX_IN_FLIGHT = 16
+MAX_IN_FLIGHT = 16  # per node, shared by its downloads
+MIN_IN_FLIGHT = 4  # per download
+CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The daemon's own limits, as simulated (defaults: the daemon's).
+
+    ``piece_size`` overrides the daemon's piece size rule (``None``: the rule).
+    """
+
+    max_uploads: int = MAX_UPLOADS
+    max_waiting: int = MAX_WAITING
+    max_in_flight: int = MAX_IN_FLIGHT
+    min_in_flight: int = MIN_IN_FLIGHT
+    max_in_flight_per_peer: int = 4
+    piece_size: int | None = None
+    layer_concurrency: int = 3  # containerd's max_concurrent_downloads
+
+    def layout(self, size: int) -> PieceLayout:
+        """The piece layout of a blob of ``size`` bytes."""
+        if self.piece_size is None:
+            return PieceLayout.for_size(size)
+        return PieceLayout(size, self.piece_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,28 +123,54 @@ class SimNode:
         self.cluster, self.name, self.host, self.rng = cluster, name, host, rng
         self.engine: Engine = cluster.engine
         self.network: Network = cluster.network
+        self.limits: Limits = cluster.scenario.limits
         self.coordinator = Coordinator(rng=cluster.engine.child_rng(), holder_ttl=HOLDER_TTL,
+                                       layout=self.limits.layout,
                                        lease_ttl=LEASE_TTL)
         self.scores = PeerScores()
         self.downloads: dict[str, BlobDownload] = {}
         self.held: dict[str, int] = {}  # digest -> bitfield of held pieces
         self.uploading = 0
         self._queue: deque[tuple[SimNode, str, int, float, Timer]] = deque()
+        self._uploads: dict[Flow, tuple[SimNode, str]] = {}
+        self._waiting: deque[BlobSpec] = deque()  # layers containerd has not asked for yet
+        self._active: list[BlobDownload] = []
+        self.dead: set[str] = set()  # peers found dead (membership)
+        self.crashed = False
         self.done_at: float | None = None
-        self.started_at = 0.0
+        self.started_at: float | None = None
 
     def start(self, blobs: list[BlobSpec]) -> None:
-        """Begin pulling ``blobs`` now."""
+        """Begin pulling ``blobs`` now, ``layer_concurrency`` at a time (as containerd)."""
         self.started_at = self.engine.now
-        for blob in blobs:
-            self.downloads[blob.digest] = BlobDownload(self, blob)
-            self.held[blob.digest] = 0
-        for download in list(self.downloads.values()):
-            download.step()
+        self._waiting.extend(blobs)
+        for _ in range(self.limits.layer_concurrency):
+            self._next_blob()
 
-    def blob_done(self) -> None:
-        """A download completed; the node is done when all are."""
-        if self.done_at is None and all(d.sched.done for d in self.downloads.values()):
+    def _next_blob(self) -> None:
+        if not self._waiting or self.crashed:
+            return
+        blob = self._waiting.popleft()
+        download = self.downloads[blob.digest] = BlobDownload(self, blob)
+        self.held[blob.digest] = 0
+        self._active.append(download)
+        self._share_requests()
+        download.step()
+
+    def _share_requests(self) -> None:
+        """Split ``max_in_flight`` among the downloads in progress, as the daemon does."""
+        limits, active = self.limits, self._active
+        share = max(limits.min_in_flight, limits.max_in_flight // max(1, len(active)))
+        for download in active:
+            download.sched.set_max_in_flight(share)
+            download.poke()
+
+    def blob_done(self, download: BlobDownload) -> None:
+        """``download`` completed; the next layer starts; done when all are."""
+        self._active.remove(download)
+        self._share_requests()
+        self._next_blob()
+        if self.done_at is None and not self._active and not self._waiting:
             self._finished()
 
     def _finished(self) -> None:
@@ -128,7 +179,7 @@ class SimNode:
         self.engine.schedule(REANNOUNCE, self._reannounce)
 
     def _reannounce(self) -> None:
-        if self.cluster.finished:
+        if self.cluster.finished or self.crashed:
             return
         for download in self.downloads.values():
             download.announce()
@@ -139,7 +190,8 @@ class SimNode:
     def call(self, target: SimNode, query: Callable[[], object],
              answer: Callable[[object], None] | None) -> None:
         """Run ``query`` at ``target`` one latency from now and, if ``answer`` is given,
-        hand it the result one more latency later (at once if ``target`` is us)."""
+        hand it the result one more latency later (at once if ``target`` is us). A dead
+        target never answers (the daemon's call times out; the loop goes on)."""
         if target is self:
             result = query()
             if answer is not None:
@@ -148,9 +200,11 @@ class SimNode:
         delay = self.network.latency(self.host, target.host)
 
         def arrive() -> None:
+            if target.crashed:
+                return
             result = query()
             if answer is not None:
-                self.engine.schedule(delay, lambda: answer(result))
+                self.engine.schedule(delay, lambda: answer(result) if not self.crashed else None)
 
         self.engine.schedule(delay, arrive)
 
@@ -158,9 +212,13 @@ class SimNode:
 
     def on_request(self, asker: SimNode, digest: str, index: int) -> None:
         """A piece request has arrived from ``asker``."""
+        if self.crashed:  # connection refused: the asker finds this daemon gone
+            self._reply(asker, lambda: asker.downloads[digest].gone(self.name),
+                        CONNECT_REFUSED)
+            return
         if not self.held.get(digest, 0) >> index & 1:
             self._reply(asker, lambda: asker.downloads[digest].refused(self.name, index, False))
-        elif self.uploading < MAX_UPLOADS:
+        elif self.uploading < self.limits.max_uploads:
             self._upload(asker, digest, index)
         else:
             # Wait FIFO for a slot, for up to BUSY_AFTER, if fewer than MAX_WAITING wait
@@ -172,33 +230,66 @@ class SimNode:
             while queue and queue[0][3] <= now:
                 queue.popleft()
             refuse = lambda: asker.downloads[digest].refused(self.name, index, True)  # noqa: E731
-            if len(queue) >= MAX_WAITING:
+            if len(queue) >= self.limits.max_waiting:
                 self._reply(asker, refuse)
                 return
             delay = BUSY_AFTER + self.network.latency(self.host, asker.host)
             refusal = self.engine.schedule(delay, refuse)
             queue.append((asker, digest, index, now + BUSY_AFTER, refusal))
 
-    def _reply(self, asker: SimNode, deliver: Callable[[], None]) -> None:
-        self.engine.schedule(self.network.latency(self.host, asker.host), deliver)
+    def _reply(self, asker: SimNode, deliver: Callable[[], None], extra: float = 0.0) -> None:
+        def arrive() -> None:
+            if not asker.crashed:
+                deliver()
+
+        self.engine.schedule(self.network.latency(self.host, asker.host) + extra, arrive)
 
     def _upload(self, asker: SimNode, digest: str, index: int) -> None:
         self.uploading += 1
         length = asker.downloads[digest].layout.length(index)
 
         def done() -> None:
-            self.uploading -= 1
-            queue, now = self._queue, self.engine.now
-            while queue:
-                next_asker, next_digest, next_index, deadline, refusal = queue.popleft()
-                if deadline <= now:
-                    continue  # refused already: its answer is on the way
-                refusal.cancel()
+            del self._uploads[flow]
+            self._slot_freed()
+            if not asker.crashed:
+                asker.downloads[digest].from_peer(self.name, index)
+
+        flow = self.network.transfer(self.host, asker.host, length, done, tag="peer")
+        self._uploads[flow] = (asker, digest)
+
+    def _slot_freed(self) -> None:
+        self.uploading -= 1
+        queue, now = self._queue, self.engine.now
+        while queue:
+            next_asker, next_digest, next_index, deadline, refusal = queue.popleft()
+            if deadline <= now:
+                continue  # refused already: its answer is on the way
+            refusal.cancel()
+            if not next_asker.crashed:
                 self._upload(next_asker, next_digest, next_index)
                 break
-            asker.downloads[digest].from_peer(self.name, index)
 
-        self.network.transfer(self.host, asker.host, length, done, tag="peer")
+    # -- failures -----------------------------------------------------------------------
+
+    def crash(self) -> None:
+        """The node dies now: its transfers stop, its requests and calls go unanswered,
+        and peers downloading from it see their connections reset (one latency later)."""
+        self.crashed = True
+        network, cluster = self.network, self.cluster
+        for flow, (asker, digest) in list(self._uploads.items()):
+            network.cancel(flow)
+            self._reply(asker, partial(asker.downloads[digest].gone, self.name))
+        self._uploads.clear()
+        for flow in list(self.host.down.flows):
+            uploader = cluster.nodes.get(flow.src.name)
+            network.cancel(flow)
+            if uploader is not None and uploader._uploads.pop(flow, None) is not None:
+                uploader._slot_freed()
+        for entry in self._queue:
+            entry[4].cancel()
+        self._queue.clear()
+        for download in self._active:
+            download.stop()
 
 
 class BlobDownload:
@@ -206,10 +297,12 @@ class BlobDownload:
 
     def __init__(self, node: SimNode, blob: BlobSpec) -> None:
         self.node, self.blob, self.engine = node, blob, node.engine
-        self.layout = PieceLayout.for_size(blob.size)
+        limits = node.limits
+        self.layout = limits.layout(blob.size)
         self.sched = Scheduler(self.layout, rng=node.rng, scores=node.scores,
-                               max_in_flight=MAX_IN_FLIGHT)
-        self.coordinator = node.cluster.coordinator_of(blob.digest)
+                               max_in_flight=limits.max_in_flight,
+                               max_in_flight_per_peer=limits.max_in_flight_per_peer)
+        self._upstream_flows: dict[Flow, None] = {}
         self.upstream = range(0)
         self.solo = False
         self.refused_by: dict[str, set[int]] = {}
@@ -225,6 +318,28 @@ class BlobDownload:
         # the scheduler forget pieces since, so it is skipped (lookups are the hot path).
         self._fed: dict[str, int] = {}
         self._fed_timeouts = 0
+
+    @property
+    def coordinator(self) -> SimNode:
+        """The blob's coordinator among the members alive as far as the cluster knows."""
+        return self.node.cluster.coordinator_of(self.blob.digest)
+
+    def stop(self) -> None:
+        """The node died: no more turns of the loop, no more upstream bytes."""
+        self.completed = True
+        for timer in (self._wake, self._announcer):
+            if timer is not None:
+                timer.cancel()
+        for flow in self._upstream_flows:
+            self.node.network.cancel(flow)
+        self._upstream_flows.clear()
+
+    def gone(self, peer_id: str) -> None:
+        """The connection to ``peer_id`` failed: it is dead (membership) and gone here."""
+        self.node.dead.add(peer_id)
+        self._fed.pop(peer_id, None)
+        self.sched.peer_gone(peer_id, self.engine.now)
+        self.poke()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -276,18 +391,19 @@ class BlobDownload:
             self._announcer.cancel()
             self._announcer = None
         self.announce()
-        self.node.blob_done()
+        self.node.blob_done(self)
 
     # -- coordinator --------------------------------------------------------------------
 
     def _lookup(self) -> None:
         blob, name = self.blob, self.node.name
-        coordinator = self.coordinator.coordinator
+        target = self.coordinator
+        coordinator = target.coordinator
 
         def query() -> object:
             return coordinator.lookup(blob.digest, blob.size, name, self.engine.now)
 
-        self.node.call(self.coordinator, query, self._peers)
+        self.node.call(target, query, self._peers)
 
     def _peers(self, answer: object) -> None:
         assert isinstance(answer, PeerList)
@@ -301,7 +417,7 @@ class BlobDownload:
         for holder in answer.holders:
             peer_id, bits = holder.node_id, holder.bits
             before = fed.get(peer_id)
-            if before == bits or peer_id == me:
+            if before == bits or peer_id == me or peer_id in self.node.dead:
                 continue
             fed[peer_id] = bits
             lacks = self.refused_by.get(peer_id)
@@ -327,12 +443,13 @@ class BlobDownload:
 
     def _lease(self) -> None:
         blob, name = self.blob, self.node.name
-        coordinator = self.coordinator.coordinator
+        target = self.coordinator
+        coordinator = target.coordinator
 
         def query() -> object:
             return coordinator.request_lease(blob.digest, blob.size, name, self.engine.now)
 
-        self.node.call(self.coordinator, query, self._granted)
+        self.node.call(target, query, self._granted)
 
     def _granted(self, answer: object) -> None:
         if isinstance(answer, Lease) and not self.solo and not self.completed:
@@ -345,13 +462,14 @@ class BlobDownload:
         blob, node = self.blob, self.node
         bits = node.held[blob.digest]
         complete = self.sched.done
-        coordinator = self.coordinator.coordinator
+        target = self.coordinator
+        coordinator = target.coordinator
 
         def query() -> object:
             return coordinator.announce(blob.digest, blob.size, node.name, node.name, bits,
                                         complete, {}, self.engine.now)
 
-        node.call(self.coordinator, query, None)
+        node.call(target, query, None)
 
     def _announce_due(self) -> None:
         self._announcer = None
@@ -397,6 +515,7 @@ class BlobDownload:
         registry, index = cluster.registry, runs[0][at]
 
         def got() -> None:
+            del self._upstream_flows[flow]
             self.sched.upstream_received(index, self.engine.now)
             self._held(index)
             if at + 1 < len(runs[0]):
@@ -404,9 +523,15 @@ class BlobDownload:
             elif len(runs) > 1:
                 self._upstream_run(runs[1:], 0, first=True)
 
+        flow: Flow
+
         def begin() -> None:
-            self.node.network.transfer(registry, node.host, self.layout.length(index), got,
-                                       tag="registry")
+            nonlocal flow
+            if node.crashed:
+                return
+            flow = node.network.transfer(registry, node.host, self.layout.length(index), got,
+                                         tag="registry")
+            self._upstream_flows[flow] = None
 
         if first:  # a new Range request: to the registry, and its time to answer
             delay = node.network.latency(node.host, registry) + cluster.registry_latency

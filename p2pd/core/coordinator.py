@@ -35,7 +35,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from p2pd.core.pieces import PieceLayout
@@ -132,8 +132,9 @@ def _score(bits: int, uncovered: int, needed: int, tiers: tuple[int, ...]) -> tu
 class BlobSwarm:
     """The soft state of one blob; driven by :class:`Coordinator`, which prunes it first."""
 
-    def __init__(self, size: int, parts: int, counters: Counter[str]) -> None:
-        self.count = PieceLayout.for_size(size).count
+    def __init__(self, size: int, parts: int, counters: Counter[str],
+                 layout: Callable[[int], PieceLayout] = PieceLayout.for_size) -> None:
+        self.count = layout(size).count
         self.full = (1 << self.count) - 1
         self.parts = max(1, min(parts, self.count))
         self.holders: OrderedDict[str, HolderInfo] = OrderedDict()  # oldest last_seen first
@@ -302,19 +303,21 @@ class Coordinator:
 
     ``rng`` samples holders and breaks ties; ``holder_ttl`` drops holders (and askers)
     not heard from; ``lease_ttl`` bounds how long a silent fetcher holds others back; at
-    most ``max_swarms`` blobs are kept, the least recently touched going first.
+    most ``max_swarms`` blobs are kept, the least recently touched going first. ``layout``
+    is the piece size rule (the daemon's; the simulation may try others).
     """
 
     def __init__(
         self, *, rng: random.Random, holder_ttl: float, lease_ttl: float,
         max_peers: int = 16, max_fetchers: int = 1, split_threshold: int | None = None,
         max_swarms: int = 10_000,
+        layout: Callable[[int], PieceLayout] = PieceLayout.for_size,
     ) -> None:
         if min(holder_ttl, lease_ttl) <= 0 or min(max_peers, max_fetchers, max_swarms) < 1:
             raise ValueError("the ttls must be positive, the maximums at least 1")
         self.rng, self.holder_ttl, self.lease_ttl = rng, holder_ttl, lease_ttl
         self.max_peers, self.max_fetchers, self.max_swarms = max_peers, max_fetchers, max_swarms
-        self.split_threshold = split_threshold
+        self.split_threshold, self._layout = split_threshold, layout
         self._swarms: OrderedDict[tuple[str, int], BlobSwarm] = OrderedDict()
         self._counters: Counter[str] = Counter()
         self._now = float("-inf")
@@ -325,7 +328,8 @@ class Coordinator:
         if swarm is None:
             split = self.split_threshold is not None and size > self.split_threshold
             parts = self.max_fetchers if split else 1
-            swarm = self._swarms[key] = BlobSwarm(size, parts, self._counters)
+            swarm = self._swarms[key] = BlobSwarm(size, parts, self._counters,
+                                                               self._layout)
             while len(self._swarms) > self.max_swarms:
                 self._swarms.popitem(last=False)
                 self._counters["evicted"] += 1

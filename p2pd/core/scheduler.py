@@ -272,6 +272,13 @@ class Scheduler:
                 self._hold_mask |= 1 << index
                 self._settle(index)
 
+    def set_max_in_flight(self, limit: int) -> None:
+        """Change ``max_in_flight`` (the node shares one budget among its downloads).
+        Lowering it recalls nothing: new requests wait until enough answers are in."""
+        if limit < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._max_total = limit
+
     def set_upstream_range(self, start: int, stop: int) -> None:
         """Allow fetching pieces ``start <= i < stop`` from upstream (our lease); replaces
         the previous range. Narrowing it does not recall pieces already asked for."""

@@ -59,8 +59,10 @@ RPC_TIMEOUT = 3.0
 PIECE_TIMEOUT = 30.0
 """A piece request given up for good (the scheduler re-asks elsewhere long before)."""
 MAX_IN_FLIGHT = 16
-"""Piece requests one blob's download keeps out at once, over all its peers: enough to
-fill a link, few enough that holders are not queued full of requests they cannot serve."""
+"""Piece requests this node keeps out at once, shared by the blobs it downloads (but at
+least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders (16
+upload slots each) are not swamped with requests they can only refuse."""
+MIN_IN_FLIGHT = 4
 STUCK_AFTER = LEASE_TTL + 1.0
 """Pieces no usable peer has and nobody fetches for this long come from upstream anyway."""
 ZERO = bytes(32)
@@ -114,6 +116,7 @@ class Swarm:
         self._on_request = on_request
         self.download = download
         self.held: dict[str, BlobState] = {}
+        self._fetches: list[_Fetch] = []
 
     # -- the coordinator side (called by the peer port) ---------------------------------
 
@@ -233,7 +236,21 @@ class Swarm:
     ) -> None:
         """Get every piece of a blob into ``store``, from peers where possible."""
         fetch = _Fetch(self, digest, size, store, fetch_range, state)
-        await fetch.run()
+        self._fetches.append(fetch)
+        self._share_requests()
+        try:
+            await fetch.run()
+        finally:
+            self._fetches.remove(fetch)
+            self._share_requests()
+
+    def _share_requests(self) -> None:
+        """Split :data:`MAX_IN_FLIGHT` among the downloads in progress."""
+        fetches = self._fetches
+        share = max(MIN_IN_FLIGHT, MAX_IN_FLIGHT // max(1, len(fetches)))
+        for fetch in fetches:
+            fetch.sched.set_max_in_flight(share)
+            fetch.wake.set()
 
 
 class _Fetch:

@@ -90,8 +90,11 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["run", "--nodes", "5", "--image-mb", "16", "--layers", "2", "--node-up", "20",
             "--node-down", "40", "--registry", "20", "--seed", "3", "--json"]
     assert main(argv) == 0
-    data = json.loads(capsys.readouterr().out)
+    runs = json.loads(capsys.readouterr().out)
+    assert sorted(runs) == ["direct", "p2p", "spegel"]  # the baselines in the same run
+    data = runs["p2p"]
     assert data["nodes"] == 5 and data["mode"] == "p2p"
     assert data["max"] >= data["bound"] and data["ratio"] == data["max"] / data["bound"]
+    assert runs["direct"]["registry_copies"] == 5  # every node from the registry
     assert main([*argv[:-1], "--baseline", "direct"]) == 0
     assert "mode direct" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""Running studies and writing what they found: JSON, Markdown tables, PNG plots.
+
+:func:`run_study` runs every case of a :class:`~simulations.scenarios.Study` in each of
+its modes and returns one row per (case, mode). :func:`study_table` lays the rows out
+beside the published figures. The plots (matplotlib, headless ``Agg`` backend):
+:func:`plot_cdf` (per-node pull times), :func:`plot_sweep` (time until all are done
+against N, published points beside simulated ones) and :func:`plot_egress` (cumulative
+registry egress over time).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from simulations.cluster import Result, Scenario, run_direct, run_p2p, run_spegel
+from simulations.scenarios import Study
+
+RUNNERS: dict[str, Callable[[Scenario], Result]] = {
+    "p2p": run_p2p, "direct": run_direct, "spegel": run_spegel,
+}
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def run_modes(scenario: Scenario, modes: Sequence[str],
+              log: Callable[[str], None] = lambda line: None) -> dict[str, Result]:
+    """``scenario`` in each of ``modes`` (same network, same seed)."""
+    out = {}
+    for mode in modes:
+        out[mode] = RUNNERS[mode](scenario)
+        log(f"  {mode}: done in {out[mode].wall:.1f} s wall")
+    return out
+
+
+def run_study(study: Study, log: Callable[[str], None] = lambda line: None
+              ) -> list[dict[str, Any]]:
+    """Every case in every mode: one row each (JSON-ready), with the published figures."""
+    rows = []
+    for case in study.cases:
+        log(f"{study.name}: {case.label}")
+        for mode, result in run_modes(case.scenario, study.modes, log).items():
+            rows.append({"case": case.label, "mode": mode, "published": case.published,
+                         "nodes": case.scenario.nodes, **result.summary()})
+    return rows
+
+
+def _s(seconds: float) -> str:
+    if seconds >= 600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s" if seconds >= 10 else f"{seconds:.2f} s"
+
+
+def study_table(study: Study, rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table: per case and mode, the published figure and the simulated ones."""
+    lines = [
+        "| case | mode | published | simulated p50 | p99 | all done | Kumar-Ross bound "
+        "| registry egress | wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        published = row["published"]
+        if row["mode"] in published:
+            shown = published[row["mode"]]
+        elif row["mode"] == "p2p" and not any(m in published for m in ("direct", "spegel")):
+            shown = ", ".join(f"{k} {v}" for k, v in published.items())
+        else:
+            shown = ""
+        lines.append(
+            f"| {row['case']} | {row['mode']} | {shown} | {_s(row['p50'])} | "
+            f"{_s(row['p99'])} | {_s(row['max'])} | {_s(row['bound'])} | "
+            f"{row['registry_copies']:.2f} x image | {row['wall']:.0f} s |")
+    return "\n".join(lines)
+
+
+def save_study(study: Study, rows: Sequence[dict[str, Any]], directory: Path) -> Path:
+    """Write ``NAME.json`` (rows, assumptions, source) and ``NAME.md`` (the table)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{study.name}.json"
+    path.write_text(json.dumps({"study": study.name, "title": study.title,
+                                "source": study.source, "assumptions": study.assumptions,
+                                "rows": rows}, indent=1, sort_keys=True) + "\n")
+    notes = "\n".join(f"- {a}" for a in study.assumptions)
+    (directory / f"{study.name}.md").write_text(
+        f"### {study.title}\n\nSource: {study.source}\n\nAssumptions:\n{notes}\n\n"
+        f"{study_table(study, rows)}\n")
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_cdf(results: dict[str, Result], path: Path, title: str) -> None:
+    """Per-node pull time CDF for each labelled result."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, result in results.items():
+        times = result.completion
+        n = len(times)
+        ax.step(times, [(i + 1) / n for i in range(n)], where="post", label=label)
+    ax.set_xlabel("pull time per node (s)")
+    ax.set_ylabel("fraction of nodes done")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_egress(results: dict[str, Result], path: Path, title: str) -> None:
+    """Cumulative registry egress (in images) over time for each labelled result."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, result in results.items():
+        total, xs, ys = 0, [0.0], [0.0]
+        for when, size in result.registry_series:
+            total += size
+            xs.append(when)
+            ys.append(total / result.image_bytes)
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("registry egress (copies of the image)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """Time until every node is done against N, one line per label (log-log)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        style = "--" if label.startswith("published") else "-"
+        ax.plot(xs, ys, style, marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("time until every node is done (s)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
