@@ -1,6 +1,8 @@
 """Whole runs: determinism, conservation, bounds, the baseline, and the real core classes."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +10,16 @@ import p2pd.core.coordinator
 import p2pd.core.scheduler
 import simulations.node
 from simulations.__main__ import main
-from simulations.cluster import MiB, Scenario, kumar_ross_bound, run_direct, run_p2p
+from simulations.cluster import (
+    MiB,
+    Scenario,
+    kumar_ross_bound,
+    run_direct,
+    run_p2p,
+    run_spegel,
+)
+from simulations.report import plot_cdf, plot_egress, plot_sweep, run_study, save_study
+from simulations.scenarios import STUDIES
 
 SMALL = Scenario(nodes=12, image_bytes=48 * MiB, layers=2, node_up=40 * MiB,
                  node_down=80 * MiB, registry_up=40 * MiB, seed=5)
@@ -98,3 +109,78 @@ def test_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert runs["direct"]["registry_copies"] == 5  # every node from the registry
     assert main([*argv[:-1], "--baseline", "direct"]) == 0
     assert "mode direct" in capsys.readouterr().out
+
+
+def test_spegel_like_gains_nothing_when_all_start_at_once_and_helps_a_rolling_update() -> None:
+    at_once = Scenario(nodes=10, image_bytes=40 * MiB, layers=2, node_up=100 * MiB,
+                       node_down=100 * MiB, registry_up=20 * MiB, seed=2)
+    direct, spegel = run_direct(at_once), run_spegel(at_once)
+    assert spegel.completion == direct.completion  # nothing complete to share yet
+    assert spegel.registry_bytes == direct.registry_bytes == 10 * at_once.image_bytes
+    rolling = replace(at_once, arrival="rolling", batch=0.2)
+    direct, spegel, p2p = run_direct(rolling), run_spegel(rolling), run_p2p(rolling)
+    assert spegel.registry_bytes == 2 * rolling.image_bytes  # only the first batch
+    assert spegel.makespan < direct.makespan
+    assert p2p.registry_bytes < 1.1 * rolling.image_bytes  # shares while downloading
+
+
+def test_rolling_batches_start_when_the_previous_batch_is_done() -> None:
+    scenario = replace(SMALL, arrival="rolling", batch=0.25)
+    result = run_p2p(scenario)
+    assert len(result.completion) == scenario.nodes
+    # 4 batches of 3, one after the other: all done takes at least 4 pulls' time
+    assert result.makespan >= 4 * result.completion[0]
+    direct = run_direct(scenario)
+    assert direct.makespan >= 4 * direct.completion[0] * 0.999
+
+
+def test_staggered_starts_and_the_bound_that_follows() -> None:
+    scenario = replace(SMALL, arrival="staggered", stagger=0.5)
+    result = run_p2p(scenario)
+    last_start = (scenario.nodes - 1) * 0.5
+    assert result.makespan >= last_start
+    assert result.bound >= last_start + scenario.image_bytes / scenario.down
+    assert result.makespan >= result.bound
+
+
+@pytest.mark.parametrize("fail_at", [0.3, 1.0])
+def test_crashed_nodes_never_stop_the_others(fail_at: float) -> None:
+    scenario = replace(SMALL, failures=3, fail_at=fail_at)
+    result = run_p2p(scenario)
+    assert result.failed == 3 and len(result.completion) == scenario.nodes - 3
+    baseline = run_direct(scenario)
+    assert len(baseline.completion) == scenario.nodes - 3
+
+
+def test_disk_caps_a_node_like_its_link() -> None:
+    capped = replace(SMALL, disk=20 * MiB)
+    assert capped.up == capped.down == 20 * MiB
+    assert run_p2p(capped).makespan > run_p2p(SMALL).makespan
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    results = {"p2p": run_p2p(SMALL), "direct": run_direct(SMALL)}
+    plot_cdf(results, tmp_path / "cdf.png", "t")
+    plot_egress(results, tmp_path / "egress.png", "t")
+    plot_sweep({"p2p": [(4, 1.0), (8, 2.0)]}, tmp_path / "sweep.png", "t")
+    for name in ("cdf.png", "egress.png", "sweep.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the egress series adds up to the registry bytes
+    assert sum(size for _, size in results["direct"].registry_series) \
+        == results["direct"].registry_bytes
+
+
+def test_a_study_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    study = STUDIES["hundred-nodes"]
+    small = replace(study, cases=tuple(
+        replace(c, scenario=replace(c.scenario, nodes=8, image_bytes=32 * MiB,
+                                    layer_sizes=(16 * MiB, 16 * MiB)))
+        for c in study.cases))
+    rows = run_study(small)
+    assert [r["mode"] for r in rows] == list(study.modes)
+    save_study(small, rows, tmp_path)
+    saved = json.loads((tmp_path / "hundred-nodes.json").read_text())
+    assert saved["assumptions"] and len(saved["rows"]) == len(rows)
+    assert "| 100 nodes, 1 GB | direct | 12 min |" in (tmp_path / "hundred-nodes.md").read_text()
+    assert main(["list"]) == 0
+    assert "kraken" in capsys.readouterr().out
