@@ -363,7 +363,7 @@ class BlobDownload:
         if now >= self.next_lookup and not self.solo:
             self._lookup()
             self.next_lookup = now + LOOKUP_INTERVAL
-        wanted = any(i not in self.upstream for i in sched.wanted_upstream())
+        wanted = sched.wants_lease
         if wanted and now >= self.next_lease:
             self._lease()
             self.next_lease = now + LEASE_RETRY

@@ -176,6 +176,7 @@ class Scheduler:
         self._blamed: dict[PeerId, None] = {}
         self._dirty: dict[PeerId, None] = {}  # to reconsider in next_actions
         self._idle: dict[PeerId, None] = {}  # allowance left but nothing to ask
+        self._starved: dict[PeerId, None] = {}  # allowance left, held back by max_in_flight
         self._outbox: list[Action] = []
         self._sent = self._dups = self._cancels = self._redundant = 0
         self._timeouts = self._refusals = self._bad = 0
@@ -251,6 +252,7 @@ class Scheduler:
                 heapq.heappush(self._rest_heap, (until, peer_id))
             self._dirty.pop(peer_id, None)
             self._idle.pop(peer_id, None)
+            self._starved.pop(peer_id, None)
 
     def progress(self, peer_id: PeerId, index: int, now: float) -> None:
         """Bytes of ``index`` are arriving from ``peer_id``: restart its timeout."""
@@ -319,10 +321,10 @@ class Scheduler:
             if peer_id in self._masks:
                 self._fill(peer_id, now, False, actions)
         if self.in_endgame:
-            for peer_id in list(self._idle):
+            for peer_id in [*self._idle, *self._starved]:
                 self._fill(peer_id, now, True, actions)
-        elif self._pending and self._idle and len(self._asked) < self._max_total:
-            for peer_id in list(self._idle):  # room freed: peers the cap held back
+        elif self._pending and self._starved and len(self._asked) < self._max_total:
+            for peer_id in list(self._starved):  # room freed: peers the cap held back
                 self._fill(peer_id, now, False, actions)
                 if len(self._asked) >= self._max_total:
                     break
@@ -339,6 +341,12 @@ class Scheduler:
             if chosen:
                 actions.append(FetchUpstream(tuple(chosen)))
         return actions
+
+    @property
+    def wants_lease(self) -> bool:
+        """Whether pieces no usable peer holds lie outside our upstream range (what
+        :meth:`wanted_upstream` tells, without listing them)."""
+        return not self._seeds and bool(self._orphans & ~self._range_mask)
 
     def wanted_upstream(self) -> tuple[int, ...]:
         """Pending pieces that no usable peer holds (whether or not in our upstream range)."""
@@ -436,6 +444,7 @@ class Scheduler:
 
     def _remove_peer(self, peer_id: PeerId, *, cancel: bool) -> None:
         self._idle.pop(peer_id, None)
+        self._starved.pop(peer_id, None)
         self._dirty.pop(peer_id, None)
         indices = self._asked.forget(peer_id)
         self._set_mask(peer_id, 0)
@@ -511,25 +520,29 @@ class Scheduler:
             self._cancels += 1
 
     def _fill(self, peer_id: PeerId, now: float, endgame: bool, out: list[Action]) -> None:
-        """Ask ``peer_id`` for pieces up to its allowance."""
+        """Ask ``peer_id`` for pieces up to its allowance and ``max_in_flight``."""
         if peer_id in self._resting:
             return
-        mask = self._masks[peer_id]
-        for _ in range(min(self._asked.free(peer_id), self._max_total - len(self._asked))):
+        mask, asked, starved = self._masks[peer_id], self._asked, False
+        for _ in range(asked.free(peer_id)):
+            if len(asked) >= self._max_total:
+                starved = True
+                break
             index = self._pick(mask)
             if index is None and endgame:
                 index = self._pick_duplicate(peer_id, mask)
                 self._dups += index is not None
             if index is None:
                 break
-            self._asked.add(peer_id, index, now)
+            asked.add(peer_id, index, now)
             if self._state[index] == _PENDING:
                 self._unpend(index)
             self._sent += 1
             out.append(RequestPiece(peer_id, index))
         self._idle.pop(peer_id, None)
-        if self._asked.free(peer_id):
-            self._idle[peer_id] = None  # to the back: idle peers take turns
+        self._starved.pop(peer_id, None)
+        if asked.free(peer_id):  # to the back: such peers take turns
+            (self._starved if starved else self._idle)[peer_id] = None
 
     def _pick(self, mask: int) -> int | None:
         """The pending piece to ask a peer holding ``mask`` for: rarest, window, rank."""

@@ -285,7 +285,7 @@ class _Fetch:
                 if now >= next_lookup and not self.solo:
                     await self._lookup(now)
                     next_lookup = now + LOOKUP_INTERVAL
-                wanted = any(i not in self.upstream for i in self.sched.wanted_upstream())
+                wanted = self.sched.wants_lease
                 if wanted and now >= next_lease:
                     await self._lease(now)
                     next_lease = now + LEASE_RETRY

@@ -674,6 +674,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.sched.known(peer) == frozenset(self.known.get(peer, ()))
         wanted = [i for i in range(N) if self.pending(i) and not self.holders(i)]
         assert list(self.sched.wanted_upstream()) == wanted
+        lo, hi = self.lease
+        assert self.sched.wants_lease == any(not lo <= i < hi for i in wanted)
 
 
 SchedulerMachine.TestCase.settings = settings(
