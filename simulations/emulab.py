@@ -12,12 +12,15 @@ ifb/u32/mirred, with ``tbf`` on the node's bridge port (:attr:`EmuLab.ingress` s
 which). Every node gets its own containerd (run in the root namespace: ``ctr`` does the
 fetching, and ``ip netns exec`` puts ``ctr`` in the node). In p2p mode every node also
 runs ``p2pd run`` with its mirror on the node's ``127.0.0.1:5001`` and its peer port on
-the node's address, told about every other node by ``--peers static:...``; one
+the node's address, told about every other node by ``--peers static:...`` (and
+``--max-uploads`` from ``Scenario.limits``); one
 ``hosts.toml`` then serves all nodes (mirror ``http://127.0.0.1:5001``, fallback the
 registry). In direct mode ``hosts.toml`` names the registry only.
 
-:meth:`EmuLab.pull_all` starts one ``ctr images pull`` (or ``ctr content fetch``) per
-node at once and returns each one's start and end on the monotonic clock. Counters:
+:meth:`EmuLab.pull_all` starts one ``ctr images pull`` (at most
+``limits.layer_concurrency`` layers at a time, like containerd's
+``max_concurrent_downloads``) or ``ctr content fetch`` per node at once and returns each
+one's start and end on the monotonic clock. Counters:
 :meth:`EmuLab.registry_tx` (the registry's ``eth0``), :meth:`EmuLab.daemon_bytes` (the
 daemons' ``p2pd_blob_bytes_fetched_total``), :func:`cpu_seconds` and
 :func:`machine_busy` (``/proc``). Leaving the block stops every process (the lan kills
@@ -171,14 +174,15 @@ class EmuLab(StopOnExit):
 
     def _start_daemons(self) -> None:
         addrs = {node.name: f"{node.ip}:{PEER_PORT}" for node in self.nodes}
-        reg = self.registry
+        reg, sc = self.registry, self.scenario
         for node in self.nodes:
             others = ",".join(a for name, a in addrs.items() if name != node.name)
             daemon = NsP2pd.launch(node, self.workdir / f"p2pd-{node.name}",
                                    registries={reg.host: reg.url}, node_id=node.name,
                                    peers=f"static:{others}" if others else None,
                                    peer_port=PEER_PORT,
-                                   extra=["--log-level", self.daemon_log_level])
+                                   extra=["--log-level", self.daemon_log_level,
+                                          "--max-uploads", str(sc.limits.max_uploads)])
             self.daemons.append(daemon)
             self._stack.callback(daemon.stop)
         for daemon in self.daemons:
@@ -195,7 +199,10 @@ class EmuLab(StopOnExit):
         if fetch_only:
             return ctd.ctr_args("content", "fetch", "--plain-http", "--hosts-dir",
                                 str(self.hosts), self.ref)
-        return ctd.ctr_args(*ctd.pull_args(self.ref, hosts_dir=self.hosts))
+        # containerd's own max_concurrent_downloads, as the scenario has it (ctr's default
+        # is every layer at once); ``content fetch`` has no such flag.
+        layers = ("--max-concurrent-downloads", str(self.scenario.limits.layer_concurrency))
+        return ctd.ctr_args(*ctd.pull_args(self.ref, hosts_dir=self.hosts, extra=layers))
 
     def pull_all(self, *, fetch_only: bool = False, timeout: float = 600.0) -> list[Pull]:
         """Every node pulls the image at once; one :class:`Pull` per node, in node order.

@@ -22,6 +22,12 @@ What is measured, and how:
   reported as ``registry``, ``peer`` as ``peer``); in direct mode, the registry egress;
 - wall: seconds from the first start to the last end.
 
+Of a scenario's parameters the emulation takes the nodes, image (layers and their
+sizes), caps, seed (the image's bytes), ``limits.max_uploads`` (``p2pd --max-uploads``)
+and ``limits.layer_concurrency`` (``ctr --max-concurrent-downloads``); it refuses other
+arrivals than all at once, failures, disk caps and daemon limits that have no flag
+(:func:`unsupported`).
+
 Not emulated: link latency and the registry's answer time (``Scenario.latency``,
 ``registry_latency``) -- this kernel has no ``netem``; a veth round trip is ~0.05 ms and
 the local registry answers in a few ms. The caps are exact up to the ``tbf`` burst
@@ -47,6 +53,7 @@ from p2pd.lab.netns import netns_unavailable
 from p2pd.lab.procs import missing_bins
 from simulations.cluster import MiB, Result, Scenario, kumar_ross_bound
 from simulations.emulab import EmuLab, EmulationError, Log, children_cpu_seconds, machine_busy
+from simulations.node import Limits
 
 __all__ = [
     "Emulation",
@@ -89,6 +96,23 @@ class Emulation:
         return data
 
 
+def unsupported(scenario: Scenario) -> list[str]:
+    """What of ``scenario`` the emulation cannot do (empty: all of it)."""
+    out = []
+    if scenario.arrival != "all":
+        out.append(f"arrival {scenario.arrival!r} (every node starts at once)")
+    if scenario.failures:
+        out.append("node failures")
+    if scenario.disk is not None:
+        out.append("disk caps")
+    default = Limits()
+    out += [f"limits.{name} (the daemon has no flag for it)"
+            for name in ("max_waiting", "max_in_flight", "min_in_flight",
+                         "max_in_flight_per_peer", "piece_size")
+            if getattr(scenario.limits, name) != getattr(default, name)]
+    return out
+
+
 def default_timeout(scenario: Scenario) -> float:
     """Generous seconds for the pulls: three times a direct pull of every node, plus 60."""
     f = scenario.image_bytes
@@ -123,13 +147,17 @@ def emulate(scenario: Scenario, *, workdir: Path | None = None, mode: str = "p2p
     directory, removed at the end, by default). Raises :class:`EmulationError` if a pull
     fails or ``timeout`` (default :func:`default_timeout`) passes.
     """
+    cannot = unsupported(scenario)
+    if cannot:
+        raise EmulationError(f"cannot emulate: {'; '.join(cannot)}")
     missing = missing_bins(*BINARIES)
     if missing:
         raise EmulationError(f"not installed: {', '.join(missing)}")
     reason = netns_unavailable()
     if reason is not None:
         raise EmulationError(f"network namespaces: {reason}")
-    pull = "ctr content fetch" if fetch_only else "ctr images pull"
+    pull = "ctr content fetch" if fetch_only else \
+        f"ctr images pull --max-concurrent-downloads {scenario.limits.layer_concurrency}"
     t0 = time.monotonic()
     with _interruptible():
         lab = EmuLab(scenario, workdir, mode=mode, log=log)
@@ -235,6 +263,11 @@ def emulate_command(args: argparse.Namespace) -> int:
     """Run the parsed ``emulate`` command and print its report; the exit status."""
     from simulations.__main__ import format_result, scenario_from
 
+    if getattr(args, "name", None) or getattr(args, "modes", None) or \
+            args.baseline not in (None, "direct"):
+        print("emulate: one scenario from flags, p2p or --baseline direct only",
+              file=sys.stderr)
+        return 2
     scenario = scenario_from(args)
     log: Log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
