@@ -64,6 +64,10 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
                         help="upload slots per daemon")
     parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,
                         help="piece requests a daemon keeps out")
+    parser.add_argument("--upload-limit", type=float, default=None,
+                        help="the daemon's --upload-limit, MiB/s")
+    parser.add_argument("--download-limit", type=float, default=None,
+                        help="the daemon's --download-limit, MiB/s")
     parser.add_argument("--layer-concurrency", type=int, default=3,
                         help="layers containerd pulls at once")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,6 +117,8 @@ def scenario_from(args: argparse.Namespace, nodes: int | None = None) -> Scenari
     limits = Limits(
         max_uploads=args.max_uploads, max_in_flight=args.max_in_flight,
         layer_concurrency=args.layer_concurrency,
+        upload_limit=args.upload_limit * MiB if args.upload_limit else None,
+        download_limit=args.download_limit * MiB if args.download_limit else None,
         piece_size=round(args.piece_mb * MiB) if args.piece_mb else None)
     return Scenario(
         nodes=nodes or args.nodes,

@@ -91,13 +91,16 @@ class Scenario:
 
     @property
     def up(self) -> float:
-        """A node's upload capacity, its disk included."""
-        return min(self.node_up, self.disk or math.inf)
+        """A node's upload capacity: its link, disk and the daemon's upload limit."""
+        return min(self.node_up, self.disk or math.inf,
+                   self.limits.upload_limit or math.inf)
 
     @property
     def down(self) -> float:
-        """A node's download capacity, its disk included."""
-        return min(self.node_down, self.disk or math.inf)
+        """A node's download capacity: its link, disk and the daemon's download limit
+        (which the daemon applies to peer bytes only; here to all)."""
+        return min(self.node_down, self.disk or math.inf,
+                   self.limits.download_limit or math.inf)
 
 
 @dataclass(frozen=True, slots=True)

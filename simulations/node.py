@@ -91,6 +91,8 @@ class Limits:
     max_in_flight_per_peer: int = 4
     piece_size: int | None = None
     layer_concurrency: int = 3  # containerd's max_concurrent_downloads
+    upload_limit: float | None = None  # the daemon's --upload-limit, bytes/s
+    download_limit: float | None = None  # its --download-limit
 
     def layout(self, size: int) -> PieceLayout:
         """The piece layout of a blob of ``size`` bytes."""

@@ -184,3 +184,24 @@ def test_a_study_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "| 100 nodes, 1 GB | direct | 12 min |" in (tmp_path / "hundred-nodes.md").read_text()
     assert main(["list"]) == 0
     assert "kraken" in capsys.readouterr().out
+
+
+def test_no_node_uploads_a_piece_it_does_not_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    uploads = []
+    real = simulations.node.SimNode._upload
+
+    def upload(self: simulations.node.SimNode, asker: simulations.node.SimNode,
+               digest: str, index: int) -> None:
+        uploads.append(self.held[digest] >> index & 1)
+        real(self, asker, digest, index)
+
+    monkeypatch.setattr(simulations.node.SimNode, "_upload", upload)
+    result = run_p2p(replace(SMALL, failures=2, fail_at=0.5))
+    assert uploads and all(uploads)
+    assert result.bytes_by_source["peer"] > 0
+
+
+def test_the_daemons_bandwidth_limits_cap_its_node() -> None:
+    limited = replace(SMALL, limits=simulations.node.Limits(upload_limit=5 * MiB))
+    assert limited.up == 5 * MiB and limited.down == SMALL.node_down
+    assert run_p2p(limited).makespan > run_p2p(SMALL).makespan
