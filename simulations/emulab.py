@@ -13,8 +13,8 @@ which). Every node gets its own containerd (run in the root namespace: ``ctr`` d
 fetching, and ``ip netns exec`` puts ``ctr`` in the node). In p2p mode every node also
 runs ``p2pd run`` with its mirror on the node's ``127.0.0.1:5001`` and its peer port on
 the node's address, told about every other node by ``--peers static:...`` (and
-``--max-uploads`` from ``Scenario.limits``); one
-``hosts.toml`` then serves all nodes (mirror ``http://127.0.0.1:5001``, fallback the
+``--max-uploads``, ``--upload-limit`` and ``--download-limit`` from ``Scenario.limits``);
+one ``hosts.toml`` then serves all nodes (mirror ``http://127.0.0.1:5001``, fallback the
 registry). In direct mode ``hosts.toml`` names the registry only.
 
 :meth:`EmuLab.pull_all` starts one ``ctr images pull`` (at most
@@ -174,15 +174,15 @@ class EmuLab(StopOnExit):
 
     def _start_daemons(self) -> None:
         addrs = {node.name: f"{node.ip}:{PEER_PORT}" for node in self.nodes}
-        reg, sc = self.registry, self.scenario
+        reg = self.registry
         for node in self.nodes:
             others = ",".join(a for name, a in addrs.items() if name != node.name)
             daemon = NsP2pd.launch(node, self.workdir / f"p2pd-{node.name}",
                                    registries={reg.host: reg.url}, node_id=node.name,
                                    peers=f"static:{others}" if others else None,
                                    peer_port=PEER_PORT,
-                                   extra=["--log-level", self.daemon_log_level,
-                                          "--max-uploads", str(sc.limits.max_uploads)])
+                                   extra=[*self._daemon_flags(),
+                                          "--log-level", self.daemon_log_level])
             self.daemons.append(daemon)
             self._stack.callback(daemon.stop)
         for daemon in self.daemons:
@@ -193,6 +193,16 @@ class EmuLab(StopOnExit):
                 self.log("warning: not every daemon saw every peer alive within 30 s")
                 break
             time.sleep(0.25)
+
+    def _daemon_flags(self) -> list[str]:
+        """The scenario's daemon limits that ``p2pd run`` has flags for."""
+        limits = self.scenario.limits
+        flags = ["--max-uploads", str(limits.max_uploads)]
+        if limits.upload_limit is not None:
+            flags += ["--upload-limit", str(round(limits.upload_limit))]
+        if limits.download_limit is not None:
+            flags += ["--download-limit", str(round(limits.download_limit))]
+        return flags
 
     def pull_args(self, ctd: Containerd, fetch_only: bool) -> list[str]:
         """The ``ctr`` command one node runs: ``images pull`` or ``content fetch``."""

@@ -23,8 +23,9 @@ What is measured, and how:
 - wall: seconds from the first start to the last end.
 
 Of a scenario's parameters the emulation takes the nodes, image (layers and their
-sizes), caps, seed (the image's bytes), ``limits.max_uploads`` (``p2pd --max-uploads``)
-and ``limits.layer_concurrency`` (``ctr --max-concurrent-downloads``); it refuses other
+sizes), caps, seed (the image's bytes), ``limits.max_uploads``, ``upload_limit`` and
+``download_limit`` (the daemon's flags) and ``limits.layer_concurrency`` (``ctr
+--max-concurrent-downloads``); it refuses other
 arrivals than all at once, failures, disk caps and daemon limits that have no flag
 (:func:`unsupported`).
 
