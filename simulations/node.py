@@ -33,9 +33,10 @@ Simplifications (each a deliberate difference from the daemon):
 - Lookup answers are fed incrementally: a holder whose bits only grew since it was last
   fed gets ``peer_has`` of the new pieces instead of ``peer_update`` of all of them (the
   scheduler ends in the same state; ``_fed`` tracks what the scheduler believes).
-  Busy requests are queued FIFO at the holder as the daemon's semaphore does. A holder
-  serves its slots to anyone; the daemon answers one request at a time per connection,
-  so one asker holds at most one of its slots (the rest wait in the TCP stream).
+  Busy requests are queued FIFO at the holder as the daemon's semaphore does.
+- The last piece of a blob is announced and served only when the download is complete
+  (the daemon publishes it after the whole blob matched its digest); a piece a holder
+  refused as missing is asked of it again after :data:`MISSING_RETRY`.
 - Constants are copied from ``p2pd/io/swarm.py`` and ``p2pd/io/peer.py`` (the simulation
   must not import trio); keep them in step.
 """
@@ -73,6 +74,7 @@ MAX_UPLOADS = 16
 MAX_WAITING = 4
 MAX_IN_FLIGHT = 16  # per node, shared by its downloads
 MIN_IN_FLIGHT = 4  # per download
+MISSING_RETRY = 2.0
 CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
 
@@ -307,7 +309,7 @@ class BlobDownload:
         self._upstream_flows: dict[Flow, None] = {}
         self.upstream = range(0)
         self.solo = False
-        self.refused_by: dict[str, set[int]] = {}
+        self.refused_by: dict[str, dict[int, float]] = {}  # peer -> piece -> until
         self.last_progress = self.engine.now
         self.next_lookup = self.next_lease = 0.0
         self.announce_due = False
@@ -389,6 +391,7 @@ class BlobDownload:
 
     def _complete(self) -> None:
         self.completed = True
+        self.node.held[self.blob.digest] |= 1 << (self.layout.count - 1)
         if self._announcer is not None:
             self._announcer.cancel()
             self._announcer = None
@@ -421,8 +424,11 @@ class BlobDownload:
             before = fed.get(peer_id)
             if before == bits or peer_id == me or peer_id in self.node.dead:
                 continue
+            lacks = self._lacks(peer_id, now)
+            bits &= ~lacks
+            if before == bits:
+                continue
             fed[peer_id] = bits
-            lacks = self.refused_by.get(peer_id)
             if holder.complete and not lacks:
                 sched.peer_update(peer_id, (), True, now)
                 continue
@@ -431,17 +437,23 @@ class BlobDownload:
                 # exactly what was fed (``_fed`` is cleared on refusals and timeouts):
                 # ``peer_has`` of the difference leaves the scheduler in the state
                 # ``peer_update`` of all of them would, at a fraction of the cost.
-                pieces = _indices(bits & ~before)
-                if lacks:
-                    pieces = [i for i in pieces if i not in lacks]
-                if pieces:
-                    sched.peer_has(peer_id, pieces, now)
+                sched.peer_has(peer_id, _indices(bits & ~before), now)
                 continue
-            pieces = _indices(bits)
-            if lacks:
-                pieces = [i for i in pieces if i not in lacks]
-            sched.peer_update(peer_id, pieces, False, now)
+            sched.peer_update(peer_id, _indices(bits), False, now)
         self.poke()
+
+    def _lacks(self, peer_id: str, now: float) -> int:
+        """The pieces ``peer_id`` refused as missing lately (a mask), dropping old ones."""
+        lacks = self.refused_by.get(peer_id)
+        if not lacks:
+            return 0
+        mask = 0
+        for index, until in list(lacks.items()):
+            if until > now:
+                mask |= 1 << index
+            else:
+                del lacks[index]
+        return mask
 
     def _lease(self) -> None:
         blob, name = self.blob, self.node.name
@@ -497,7 +509,10 @@ class BlobDownload:
         if busy:
             self.sched.busy(peer_id, index, self.engine.now)
         else:
-            self.refused_by.setdefault(peer_id, set()).add(index)
+            self.refused_by.setdefault(peer_id, {})[index] = self.engine.now + MISSING_RETRY
+            fed = self._fed.get(peer_id)
+            if fed is not None:  # asked again, once the refusal is old enough
+                self._fed[peer_id] = fed & ~(1 << index)
             self.sched.refused(peer_id, index, self.engine.now)
         self.poke()
 
@@ -543,7 +558,10 @@ class BlobDownload:
 
     def _held(self, index: int) -> None:
         self.last_progress = self.engine.now
-        self.node.held[self.blob.digest] |= 1 << index
+        if index < self.layout.count - 1 or self.sched.done:
+            # the daemon serves (and announces) the last piece only once the whole blob
+            # matched its digest: at the end of the download
+            self.node.held[self.blob.digest] |= 1 << index
         if self.completed:
             return  # a late copy (endgame duplicate): nothing to tell
         self.announce_due = True

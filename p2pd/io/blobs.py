@@ -183,6 +183,9 @@ class BlobService:
             raise DigestMismatch(f"bytes of {digest.short} from the swarm hash to "
                                  f"sha256:{actual.hex()[:12]}")
         await self._commit(dl)
+        if layout.count:  # the last piece is served from now on: tell the swarm
+            state.held.add(layout.count - 1)
+            await swarm.announce(state)
 
     async def _commit(self, dl: Download) -> None:
         table = PieceTable(dl.digest, dl.layout, tuple(h for h in dl.hashes if h is not None))

@@ -13,6 +13,7 @@ proof) and sends requests; a reader task routes each answer to its waiting reque
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -54,6 +55,9 @@ MAX_WAITING = 4
 """With every upload slot taken and this many requests waiting, a request is refused as
 busy at once: the asker does better elsewhere than in a long queue here."""
 IDLE_TIMEOUT = 300.0
+MAX_PIPELINE = 32
+"""Piece requests one connection may have waiting or being answered; more are refused as
+busy at once."""
 
 PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
 """``(digest, size, index) -> verified piece bytes, or None if this node lacks them``."""
@@ -115,44 +119,71 @@ class PeerService:
         conn = PeerConnection(self.node_id, role=Role.RESPONDER, secret=self.secret,
                               rng=self.rng)
         peer = _peer_name(stream)
+        send = _Sender(stream)
         async with stream:
-            try:
-                await stream.send_all(conn.data_to_send())
-                await self._answer(conn, stream)
-            except RemoteProtocolError as exc:
+            failure: BaseException | None = None
+            # Piece requests are answered in tasks of their own, so a lookup or a lease
+            # on the same connection is never stuck behind pieces being uploaded.
+            async with trio.open_nursery() as uploads:
+                try:
+                    await send(conn.data_to_send())
+                    await self._answer(conn, send, uploads)
+                except (RemoteProtocolError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, OSError) as exc:
+                    failure = exc
+                uploads.cancel_scope.cancel()
+            if isinstance(failure, RemoteProtocolError):
                 self.stats.protocol_errors += 1
                 self.on_protocol_error()
-                log.warning("peer %s: protocol error: %s", peer, exc)
-                await _send_error(conn, stream, exc.code, str(exc))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("peer %s: connection lost: %s", peer, exc)
+                log.warning("peer %s: protocol error: %s", peer, failure)
+                await _send_error(conn, stream, failure.code, str(failure))
+            elif failure is not None:
+                log.debug("peer %s: connection lost: %s", peer, failure)
 
-    async def _answer(self, conn: PeerConnection, stream: trio.SocketStream) -> None:
+    async def _answer(self, conn: PeerConnection, send: _Sender,
+                      uploads: trio.Nursery) -> None:
         timeout = HANDSHAKE_TIMEOUT
         while True:
             with trio.move_on_after(timeout) as idle:
-                event = await _next_event(conn, stream)
+                event = await _next_event(conn, send.stream)
             if idle.cancelled_caught:
                 raise RemoteProtocolError("peer went silent")
             timeout = IDLE_TIMEOUT
             if event is CLOSED:
                 return
-            pending = conn.data_to_send()
-            if pending:
-                await stream.send_all(pending)
+            await send(conn.data_to_send())
             assert not isinstance(event, Sentinel)
             hello = conn.peer_hello
             if isinstance(event, Request):
-                await self._upload(conn, stream, event)
+                if send.uploads >= MAX_PIPELINE:  # answered at once: the stream stays bounded
+                    self.stats.refusals += 1
+                    await send(conn.send(_busy(event)))
+                else:
+                    send.uploads += 1
+                    uploads.start_soon(self._upload, conn, send, event)
                 continue
             reply = await self._reply(hello.node_id if hello else "?", event)
             if reply is not None:
-                await stream.send_all(conn.send(reply))
+                await send(conn.send(reply))
 
-    async def _upload(
-        self, conn: PeerConnection, stream: trio.SocketStream, request: Request
+    async def _upload(self, conn: PeerConnection, send: _Sender, request: Request) -> None:
+        """Answer a piece request within the upload slots and the upload rate (a task of
+        its own; a peer that stops reading ends the connection)."""
+        try:
+            await self._answer_request(conn, send, request)
+        except RemoteProtocolError as exc:
+            self.stats.protocol_errors += 1
+            self.on_protocol_error()
+            log.warning("peer %s: %s", _peer_name(send.stream), exc)
+            await send.stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the reading side sees it too
+        finally:
+            send.uploads -= 1
+
+    async def _answer_request(
+        self, conn: PeerConnection, send: _Sender, request: Request
     ) -> None:
-        """Answer a piece request within the upload slots and the upload rate."""
         if self._slots is None:
             self._slots = trio.Semaphore(self.max_uploads)
         slots, slot = self._slots, False
@@ -162,20 +193,17 @@ class PeerService:
                 slot = True
         if not slot:
             self.stats.refusals += 1
-            await stream.send_all(conn.send(Refuse(request.request_id, request.digest,
-                                                   request.size, request.index, REFUSE_BUSY)))
+            await send(conn.send(_busy(request)))
             return
         try:
             reply = await self._piece(request)
-            with trio.move_on_after(SEND_TIMEOUT) as sending:
-                await stream.send_all(conn.send(reply))
-            if sending.cancelled_caught:
+            if isinstance(reply, Piece):  # paid before it goes: uploads run side by side
+                await self.upload.moved(len(reply.data))
+            if not await send(conn.send(reply), timeout=SEND_TIMEOUT):
                 # A peer that stops reading must not keep an upload slot forever.
                 raise RemoteProtocolError("peer stopped reading a piece")
-            if isinstance(reply, Piece):
-                await self.upload.moved(len(reply.data))
         finally:
-            self._slots.release()
+            slots.release()
 
     async def _piece(self, message: Request) -> Piece | Refuse:
         data = await self.pieces(message.digest, message.size, message.index)
@@ -220,6 +248,30 @@ async def _next_event(
         conn.receive_data(data)
         if throttle is not None:
             await throttle.moved(len(data))
+
+
+class _Sender:
+    """Whole frames onto one connection's stream, one at a time (tasks share it)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.uploads = 0  # piece requests being answered on this connection
+        self._lock = trio.Lock()
+
+    async def __call__(self, data: bytes, *, timeout: float = math.inf) -> bool:
+        """Send ``data``; False if the send itself (not the wait for the stream) took
+        longer than ``timeout``."""
+        if not data:
+            return True
+        async with self._lock:
+            with trio.move_on_after(timeout) as sending:
+                await self.stream.send_all(data)
+        return not sending.cancelled_caught
+
+
+def _busy(request: Request) -> Refuse:
+    return Refuse(request.request_id, request.digest, request.size, request.index,
+                  REFUSE_BUSY)
 
 
 async def _send_error(

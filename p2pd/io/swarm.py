@@ -63,6 +63,9 @@ MAX_IN_FLIGHT = 16
 least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders (16
 upload slots each) are not swamped with requests they can only refuse."""
 MIN_IN_FLIGHT = 4
+MISSING_RETRY = 2.0
+"""A peer that refused a piece it announced is asked for it again after this long (it
+may have been about to publish it; or the coordinator's view of it is stale)."""
 STUCK_AFTER = LEASE_TTL + 1.0
 """Pieces no usable peer has and nobody fetches for this long come from upstream anyway."""
 ZERO = bytes(32)
@@ -270,7 +273,8 @@ class _Fetch:
         self.announce_due = False
         self.upstream = range(0)  # pieces we may fetch upstream (our lease)
         self.solo = False
-        self.refused: dict[str, set[int]] = {}  # pieces a peer said it lacks, after all
+        # pieces a peer said it lacks although announced, and until when to believe it
+        self.refused: dict[str, dict[int, float]] = {}
         self.last_progress = trio.current_time()
 
     def _poke(self) -> None:
@@ -326,9 +330,9 @@ class _Fetch:
             if holder.addr == self.swarm.addr:
                 continue
             self.addrs[holder.node_id] = holder.addr
-            lacks = self.refused.get(holder.node_id, set())
+            lacks = self.refused.get(holder.node_id, {})
             pieces = {i for i in unpack_bitfield(holder.bitfield, self.layout.count)
-                      if self.state.hashes[i] is not None and i not in lacks}
+                      if self.state.hashes[i] is not None and lacks.get(i, 0.0) <= now}
             self.sched.peer_update(holder.node_id, pieces, False, now)
 
     async def _lease(self, now: float) -> None:
@@ -374,7 +378,7 @@ class _Fetch:
         if busy:  # it holds the piece: ask others, and it nothing for a moment
             self.sched.busy(peer_id, index, now)
         elif data is None or expected is None:
-            self.refused.setdefault(peer_id, set()).add(index)
+            self.refused.setdefault(peer_id, {})[index] = now + MISSING_RETRY
             self.sched.refused(peer_id, index, now)
         elif not await self.store(index, data, "peer"):  # checks it against the table
             log.warning("blob %s: piece %d from %s failed its hash; blamed", self.digest[7:19],
@@ -419,6 +423,10 @@ class _Fetch:
 
     def _held(self, index: int) -> None:
         self.last_progress = trio.current_time()
+        if index == self.layout.count - 1 and not self.sched.done:
+            # Served only once the whole blob has matched its digest (blobs.py holds
+            # the last piece back): announced when the download ends, not before.
+            return
         self.state.held.add(index)
         self.announce_due = True
 

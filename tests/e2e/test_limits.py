@@ -9,6 +9,7 @@ import httpx
 import pytest
 import trio
 
+from p2pd.core.messages import Lookup, Peers
 from p2pd.io.peer import BUSY_AFTER, open_peer_link
 from p2pd.lab.daemon import P2pd, start_swarm
 from p2pd.lab.images import build_image, push_image
@@ -66,26 +67,54 @@ async def test_a_full_upload_queue_refuses_busy_at_once(
                     default_registry=registry.host, peer_port=0, node_id="node-a",
                     extra=["--max-uploads", "1", "--upload-limit", "256KiB/s"]) as daemon:
         assert _timed_get(daemon, url)[0] == truth
-        answers: list[tuple[float, bool]] = []  # (when, got the piece)
+        answers: dict[str, tuple[float, bool]] = {}  # name -> (when, got the piece)
         began = trio.current_time()
 
         async def ask(name: str) -> None:
             async with open_peer_link(daemon.peer_addr, name, None) as link:
                 data = await link.request_piece(digest, size, 0)
-                answers.append((trio.current_time() - began, data is not None))
+                answers[name] = (trio.current_time() - began, data is not None)
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(ask, "holder")
-                await trio.sleep(0.3)  # it has the slot now
+                await trio.sleep(0.3)  # it has the slot now (paying 4 s at 256 KiB/s)
                 for i in range(6):
                     nursery.start_soon(ask, f"asker-{i}")
-    answers.sort()
-    # The holder's piece is sent at once; its slot stays taken while the upload limit
-    # pays for it (4 s at 256 KiB/s), so the others find no free slot.
-    assert answers[0][1] and not any(got for _, got in answers[1:])
-    assert len(answers) == 7
-    refused_at_once, refused_after_wait = answers[1:3], answers[3:]
+    assert answers.pop("holder")[1]  # the one slot's piece
+    refusals = sorted(answers.values())
+    assert len(refusals) == 6 and not any(got for _, got in refusals)
+    refused_at_once, refused_after_wait = refusals[:2], refusals[2:]
     # two did not wait for a slot; the others waited BUSY_AFTER for one
     assert max(t for t, _ in refused_at_once) + BUSY_AFTER / 2 < min(
         t for t, _ in refused_after_wait)
+
+
+async def test_a_lookup_is_not_stuck_behind_a_piece_upload_on_the_same_connection(
+    tmp_path: Path, registry: Registry, layer: tuple[str, bytes, int],
+) -> None:
+    url, truth, size = layer
+    digest = url.split("/blobs/")[1].split("?")[0]
+    with P2pd.start(tmp_path / "p2pd", registries={registry.host: registry.url},
+                    default_registry=registry.host, peer_port=0, node_id="node-a",
+                    extra=["--upload-limit", "256KiB/s"]) as daemon:
+        assert _timed_get(daemon, url)[0] == truth
+        order: list[str] = []
+        async with open_peer_link(daemon.peer_addr, "node-b", None) as link:
+
+            async def piece(index: int) -> None:
+                assert await link.request_piece(digest, size, index) is not None
+                order.append(f"piece {index}")
+
+            async def lookup() -> None:
+                answer = await link.call(lambda rid: Lookup(rid, digest, size))
+                assert isinstance(answer, Peers)
+                order.append("lookup")
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for index in range(3):  # 3 MiB to send at 256 KiB/s: seconds
+                        nursery.start_soon(piece, index)
+                    await trio.sleep(0.2)
+                    nursery.start_soon(lookup)
+    assert order[0] == "lookup" and sorted(order[1:]) == ["piece 0", "piece 1", "piece 2"]
