@@ -102,7 +102,7 @@ class DaemonConfig:
     upload_limit: int | None = None
     download_limit: int | None = None
     upstream_limit: int | None = None
-    max_uploads: int = 16
+    max_uploads: int = 8
 
     def cluster_secret(self) -> bytes | None:
         """The cluster secret's bytes (surrounding whitespace dropped), or ``None``."""
@@ -264,7 +264,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "limit)", _positive_rate, metavar="RATE"),
     Option("upstream-limit", "most bytes per second fetched from upstream registries "
            "(default: no limit)", _positive_rate, metavar="RATE"),
-    Option("max-uploads", "pieces sent to peers at the same time, at most (default 16); "
+    Option("max-uploads", "pieces sent to peers at the same time, at most (default 8); "
            "further requests are refused as busy", _positive_int, metavar="N"),
     Option("cluster-secret-file", "file holding a shared secret (≥ 16 bytes); peers that "
            "cannot prove they know it get nothing", Path, metavar="FILE"),

@@ -70,7 +70,7 @@ HOLDER_TTL = 3 * REANNOUNCE
 LEASE_TTL = 5.0
 STUCK_AFTER = LEASE_TTL + 1.0
 BUSY_AFTER = 1.0
-MAX_UPLOADS = 16
+MAX_UPLOADS = 8
 MAX_WAITING = 4
 MAX_IN_FLIGHT = 16  # per node, shared by its downloads
 MIN_IN_FLIGHT = 4  # per download
@@ -314,7 +314,8 @@ class BlobDownload:
         self.next_lookup = self.next_lease = 0.0
         self.announce_due = False
         self._announcer: Timer | None = None
-        self._wake: Timer | None = None
+        self._wake: Timer | None = None  # the next timed turn of the loop
+        self._soon: Timer | None = None  # a turn at this instant (poked)
         self.cancels_ignored = 0
         self.completed = False
         # What each peer was last fed with, and the scheduler's timeout count then:
@@ -331,7 +332,7 @@ class BlobDownload:
     def stop(self) -> None:
         """The node died: no more turns of the loop, no more upstream bytes."""
         self.completed = True
-        for timer in (self._wake, self._announcer):
+        for timer in (self._wake, self._soon, self._announcer):
             if timer is not None:
                 timer.cancel()
         for flow in self._upstream_flows:
@@ -349,18 +350,19 @@ class BlobDownload:
 
     def poke(self) -> None:
         """Run the loop at this instant (once, however many events poke it)."""
-        if self.completed:
-            return
-        wake = self._wake
-        if wake is not None and not wake.cancelled and wake.time <= self.engine.now:
-            return
-        if wake is not None:
-            wake.cancel()
-        self._wake = self.engine.schedule(0.0, self.step)
+        if not self.completed and self._soon is None:
+            self._soon = self.engine.schedule(0.0, self._step_soon)
+
+    def _step_soon(self) -> None:
+        self._soon = None
+        self.step()
+
+    def _step_timed(self) -> None:
+        self._wake = None
+        self.step()
 
     def step(self) -> None:
         """One turn of the download loop."""
-        self._wake = None
         sched, now = self.sched, self.engine.now
         if self.completed:
             return
@@ -387,7 +389,12 @@ class BlobDownload:
             return
         deadline = sched.next_deadline()
         deadline = self.next_lookup if deadline is None else min(deadline, self.next_lookup)
-        self._wake = self.engine.schedule_at(max(deadline, now + MIN_WAIT), self.step)
+        at, wake = max(deadline, now + MIN_WAIT), self._wake
+        if wake is not None and now < wake.time <= at:
+            return  # an earlier turn is due anyway; it sets the next one
+        if wake is not None:
+            wake.cancel()
+        self._wake = self.engine.schedule_at(at, self._step_timed)
 
     def _complete(self) -> None:
         self.completed = True

@@ -99,7 +99,7 @@ class PeerService:
     on_protocol_error: Callable[[], None] = lambda: None
     coordinator: Coordinating | None = None
     upload: Throttle = field(default_factory=lambda: Throttle(None))
-    max_uploads: int = 16
+    max_uploads: int = 8
     max_waiting: int = MAX_WAITING
     _slots: trio.Semaphore | None = None
 

@@ -60,8 +60,8 @@ PIECE_TIMEOUT = 30.0
 """A piece request given up for good (the scheduler re-asks elsewhere long before)."""
 MAX_IN_FLIGHT = 16
 """Piece requests this node keeps out at once, shared by the blobs it downloads (but at
-least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders (16
-upload slots each) are not swamped with requests they can only refuse."""
+least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders (8
+upload slots and 4 waiting each) are not swamped with requests they can only refuse."""
 MIN_IN_FLIGHT = 4
 MISSING_RETRY = 2.0
 """A peer that refused a piece it announced is asked for it again after this long (it
@@ -112,8 +112,8 @@ class Swarm:
         self.coordinator = Coordinator(rng=rng, holder_ttl=HOLDER_TTL, lease_ttl=LEASE_TTL)
         self.scores = PeerScores()
         self._nursery = nursery
-        self._links: dict[str, PeerLink] = {}
-        self._connecting: dict[str, trio.Event] = {}
+        self._links: dict[tuple[str, bool], PeerLink] = {}  # (addr, control) -> link
+        self._connecting: dict[tuple[str, bool], trio.Event] = {}
         self._on_peer_bytes = on_peer_bytes
         self._on_blame = on_blame
         self._on_request = on_request
@@ -164,29 +164,35 @@ class Swarm:
 
     # -- talking to peers ----------------------------------------------------------------
 
-    async def _link(self, addr: str) -> PeerLink:
-        while addr not in self._links and addr in self._connecting:
-            await self._connecting[addr].wait()
-        if addr in self._links:
-            return self._links[addr]
-        self._connecting[addr] = trio.Event()
+    async def _link(self, addr: str, *, control: bool = False) -> PeerLink:
+        """The connection to ``addr`` for pieces, or (``control``) the one for coordinator
+        messages: kept apart, so a lookup never waits behind megabytes of pieces in the
+        same TCP stream."""
+        key = (addr, control)
+        while key not in self._links and key in self._connecting:
+            await self._connecting[key].wait()
+        if key in self._links:
+            return self._links[key]
+        self._connecting[key] = trio.Event()
         try:
-            link: PeerLink = await self._nursery.start(self._hold_link, addr)
+            link: PeerLink = await self._nursery.start(self._hold_link, key)
         finally:
-            self._connecting.pop(addr).set()
+            self._connecting.pop(key).set()
         return link
 
     async def _hold_link(
-        self, addr: str, *, task_status: trio.TaskStatus[PeerLink] = trio.TASK_STATUS_IGNORED
+        self, key: tuple[str, bool], *,
+        task_status: trio.TaskStatus[PeerLink] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        addr, control = key
         try:
             async with open_peer_link(addr, self.node_id, self.secret, rng=self.rng,
-                                      download=self.download) as link:
-                self._links[addr] = link
+                                      download=None if control else self.download) as link:
+                self._links[key] = link
                 task_status.started(link)
                 await link.closed.wait()
         finally:
-            self._links.pop(addr, None)
+            self._links.pop(key, None)
 
     def _coordinator(self, digest: str) -> Member:
         return coordinator_for(digest, self.membership.alive(trio.current_time()))
@@ -200,7 +206,7 @@ class Swarm:
                 else self.on_lease(self.node_id, query)
         try:
             with trio.fail_after(RPC_TIMEOUT):
-                answer = await (await self._link(member.addr)).call(make)
+                answer = await (await self._link(member.addr, control=True)).call(make)
         except (PeerUnavailable, trio.TooSlowError) as exc:
             self.membership.failed(member.addr, trio.current_time())
             raise PeerUnavailable(f"coordinator {member.addr}: {exc!r}") from exc
@@ -218,7 +224,7 @@ class Swarm:
             return
         try:
             with trio.fail_after(RPC_TIMEOUT):
-                link = await self._link(member.addr)
+                link = await self._link(member.addr, control=True)
                 await link.send(msg)
         except (PeerUnavailable, trio.TooSlowError) as exc:
             self.membership.failed(member.addr, trio.current_time())
