@@ -31,6 +31,7 @@ from simulations.report import (
     run_modes,
     run_study,
     save_study,
+    study_sweeps,
     study_table,
 )
 from simulations.scenarios import STUDIES
@@ -176,6 +177,8 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"no study {args.name!r}; see `python -m simulations list`")
         rows = run_study(study, log)  # type: ignore[arg-type]
         path = save_study(study, rows, args.results)
+        if len({row["nodes"] for row in rows}) > 2:  # a sweep over N: plot it
+            plot_sweep(study_sweeps(rows), path.with_suffix(".png"), study.title)
         if args.json:
             print(json.dumps(rows, sort_keys=True))
         else:

@@ -103,7 +103,8 @@ def plot_cdf(results: dict[str, Result], path: Path, title: str) -> None:
         times = result.completion
         n = len(times)
         ax.step(times, [(i + 1) / n for i in range(n)], where="post", label=label)
-    ax.set_xlabel("pull time per node (s)")
+    ax.set_xscale("log")  # p2p and direct pulls differ by orders of magnitude
+    ax.set_xlabel("pull time per node (s, log scale)")
     ax.set_ylabel("fraction of nodes done")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -132,6 +133,30 @@ def plot_egress(results: dict[str, Result], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _seconds(published: str) -> float | None:
+    number, _, unit = published.partition(" ")
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    return value * 60 if unit.startswith("min") else value if unit == "s" else None
+
+
+def study_sweeps(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Time until all are done against N per image size and mode, simulated and (where a
+    number was published) published: the series of :func:`plot_sweep`."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        size = f"{row['image_bytes'] / 1e6:.0f} MB"
+        series.setdefault(f"{size} {row['mode']} simulated", []).append(
+            (row["nodes"], row["max"]))
+        published = _seconds(row["published"].get(row["mode"], ""))
+        if published is not None:
+            series.setdefault(f"published {size} {row['mode']}", []).append(
+                (row["nodes"], published))
+    return series
 
 
 def plot_sweep(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:

@@ -18,7 +18,14 @@ from simulations.cluster import (
     run_p2p,
     run_spegel,
 )
-from simulations.report import plot_cdf, plot_egress, plot_sweep, run_study, save_study
+from simulations.report import (
+    plot_cdf,
+    plot_egress,
+    plot_sweep,
+    run_study,
+    save_study,
+    study_sweeps,
+)
 from simulations.scenarios import STUDIES
 
 SMALL = Scenario(nodes=12, image_bytes=48 * MiB, layers=2, node_up=40 * MiB,
@@ -205,3 +212,13 @@ def test_the_daemons_bandwidth_limits_cap_its_node() -> None:
     limited = replace(SMALL, limits=simulations.node.Limits(upload_limit=5 * MiB))
     assert limited.up == 5 * MiB and limited.down == SMALL.node_down
     assert run_p2p(limited).makespan > run_p2p(SMALL).makespan
+
+
+def test_a_sweep_study_gives_simulated_and_published_series() -> None:
+    rows = [{"nodes": n, "mode": "p2p", "image_bytes": 500_000_000, "max": float(n),
+             "published": {"p2p": f"{n // 10} s", "direct": "12 min"}} for n in (50, 100)]
+    series = study_sweeps(rows)
+    assert series["500 MB p2p simulated"] == [(50, 50.0), (100, 100.0)]
+    assert series["published 500 MB p2p"] == [(50, 5.0), (100, 10.0)]
+    rows[0]["mode"] = "direct"
+    assert study_sweeps(rows)["published 500 MB direct"] == [(50, 720.0)]
