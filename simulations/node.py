@@ -373,7 +373,7 @@ class BlobDownload:
         if wanted and now >= self.next_lease:
             self._lease()
             self.next_lease = now + LEASE_RETRY
-        if now - self.last_progress > STUCK_AFTER:
+        if now - self.last_progress > STUCK_AFTER and not sched.in_flight:
             self.upstream = range(self.layout.count)
             sched.set_upstream_range(0, self.layout.count)
         sched.tick(now)

@@ -343,6 +343,11 @@ class Scheduler:
         return actions
 
     @property
+    def in_flight(self) -> int:
+        """Requests to peers awaiting an answer."""
+        return len(self._asked)
+
+    @property
     def wants_lease(self) -> bool:
         """Whether pieces no usable peer holds lie outside our upstream range (what
         :meth:`wanted_upstream` tells, without listing them)."""

@@ -67,7 +67,9 @@ MISSING_RETRY = 2.0
 """A peer that refused a piece it announced is asked for it again after this long (it
 may have been about to publish it; or the coordinator's view of it is stale)."""
 STUCK_AFTER = LEASE_TTL + 1.0
-"""Pieces no usable peer has and nobody fetches for this long come from upstream anyway."""
+"""Pieces no usable peer has and nobody fetches for this long come from upstream anyway
+(unless pieces are still on their way from peers: a slow peer is not a missing one; the
+scheduler's request timeout takes care of peers that stop answering)."""
 ZERO = bytes(32)
 
 StorePiece = Callable[[int, bytes, str], Awaitable[bool]]
@@ -301,7 +303,7 @@ class _Fetch:
                     next_lease = now + LEASE_RETRY
                 # Pieces that only blamed or vanished peers claim, or whose fetcher
                 # stalls while the coordinator still counts its lease: stop waiting.
-                if now - self.last_progress > STUCK_AFTER:
+                if now - self.last_progress > STUCK_AFTER and not self.sched.in_flight:
                     self._go_solo(f"no piece arrived for {STUCK_AFTER:.0f} s")
                 self.sched.tick(now)
                 for action in self.sched.next_actions(now):
