@@ -99,9 +99,10 @@ class _LayerRun:
         self.scenario, self.share = scenario, share
         self.engine = Engine(scenario.seed)
         self.rng = random.Random(scenario.seed)
-        self.network = Network(self.engine, exact=scenario.exact, series=("registry",))
+        self.network = Network(self.engine, exact=scenario.exact)
         self.registry = self.network.add_host("registry", up=scenario.registry_up,
                                               latency=scenario.latency)
+        self._egress = self.network.watch(self.registry)
         self.blobs = scenario.blobs()
         self.holders: dict[str, list[_Puller]] = {b.digest: [] for b in self.blobs}
         self.pullers = {
@@ -164,7 +165,7 @@ class _LayerRun:
             bytes_by_source=stats.bytes_by_tag, bytes_started=stats.bytes_started,
             bound=kumar_ross_bound(self.scenario), events=self.engine.statistics().events,
             wall=time.perf_counter() - began,
-            registry_series=tuple(self.network.series["registry"]),
+            registry_series=tuple(self._egress),
         )
 
 

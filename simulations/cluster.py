@@ -121,7 +121,8 @@ class Result:
     failed: int = 0
     scheduler: dict[str, int] = field(default_factory=dict)
     coordinator: dict[str, int] = field(default_factory=dict)
-    registry_series: tuple[tuple[float, int], ...] = field(default=(), repr=False)
+    # the registry's egress over time: (t, bytes sent so far)
+    registry_series: tuple[tuple[float, float], ...] = field(default=(), repr=False)
 
     def percentile(self, q: float) -> float:
         """The nearest-rank ``q`` quantile (0 < q <= 1) of the pull times."""
@@ -220,9 +221,10 @@ class Cluster:
     def __init__(self, scenario: Scenario) -> None:
         self.scenario = scenario
         self.engine = Engine(scenario.seed)
-        self.network = Network(self.engine, exact=scenario.exact, series=("registry",))
+        self.network = Network(self.engine, exact=scenario.exact)
         self.registry = self.network.add_host("registry", up=scenario.registry_up,
                                               latency=scenario.latency)
+        self._egress = self.network.watch(self.registry)
         self.registry_latency = scenario.registry_latency
         self.blobs = scenario.blobs()
         self.nodes: dict[str, SimNode] = {}
@@ -305,7 +307,7 @@ class Cluster:
             bytes_by_source=stats.bytes_by_tag, bytes_started=stats.bytes_started,
             bound=kumar_ross_bound(self.scenario), events=self.engine.statistics().events,
             wall=wall, scheduler=sched, coordinator={"leases_granted": leases},
-            registry_series=tuple(self.network.series["registry"]),
+            registry_series=tuple(self._egress),
         )
 
 

@@ -110,13 +110,11 @@ class NetworkStatistics:
 class Network:
     """The hosts of a run and the flows between them, on ``engine``'s clock."""
 
-    def __init__(self, engine: Engine, *, exact: bool = False,
-                 series: tuple[str, ...] = ()) -> None:
-        """``series``: tags whose deliveries are logged as ``(time, bytes)`` in
-        :attr:`series` (e.g. registry egress over time)."""
+    def __init__(self, engine: Engine, *, exact: bool = False) -> None:
         self.engine = engine
         self.exact = exact
-        self.series: dict[str, list[tuple[float, int]]] = {tag: [] for tag in series}
+        self._watched: dict[Resource, list[tuple[float, float]]] = {}
+        self._sent: dict[Resource, float] = {}  # watched: bytes of flows that ended
         self.hosts: dict[str, Host] = {}
         self._flows: dict[Flow, None] = {}
         self._dirty: dict[Resource, None] = {}
@@ -156,6 +154,13 @@ class Network:
         self._touch(flow)
         return flow
 
+    def watch(self, host: Host) -> list[tuple[float, float]]:
+        """Log what ``host`` sends over time: ``(time, bytes sent so far)`` whenever the
+        rates of its flows change (the bytes grow linearly in between)."""
+        log = self._watched[host.up] = [(self.engine.now, 0.0)]
+        self._sent[host.up] = 0.0
+        return log
+
     def cancel(self, flow: Flow) -> None:
         """Stop ``flow`` (its ``on_done`` never runs); the bytes moved count as wasted."""
         if flow.done:
@@ -175,6 +180,8 @@ class Network:
 
     def _remove(self, flow: Flow) -> None:
         flow.done = True
+        if flow.src.up in self._sent:
+            self._sent[flow.src.up] += flow.size - max(0.0, flow.remaining)
         if flow.timer is not None:
             flow.timer.cancel()
         del self._flows[flow]
@@ -200,9 +207,6 @@ class Network:
                 flow.timer = self.engine.schedule_at(end, flow.finish)
                 return
         self._bytes[flow.tag] += flow.size
-        log = self.series.get(flow.tag)
-        if log is not None:
-            log.append((now, flow.size))
         self._counts[1] += 1
         self._remove(flow)
         delay = self.latency(flow.src, flow.dst)
@@ -222,6 +226,7 @@ class Network:
                 picked.update(resource.flows)
             region = list(picked)
         if not region:
+            self._log_watched(dirty)
             return
         self._recomputes += 1
         self._recomputed += len(region)
@@ -246,6 +251,15 @@ class Network:
             elif timer is not None:
                 timer.cancel()
                 flow.timer = None
+        self._log_watched(dirty)
+
+    def _log_watched(self, dirty: dict[Resource, None]) -> None:
+        now = self.engine.now
+        for resource, log in self._watched.items():
+            if resource in dirty:
+                moved = sum(f.size - f.remaining + f.rate * (now - f.since)
+                            for f in resource.flows)
+                log.append((now, self._sent[resource] + moved))
 
     def statistics(self) -> NetworkStatistics:
         """Bytes and flow counts so far."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -114,19 +115,37 @@ def plot_cdf(results: dict[str, Result], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _densify(series: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``series`` with points added along its straight stretches (for log axes)."""
+    out: list[tuple[float, float]] = []
+    for (t0, b0), (t1, b1) in pairwise(series):
+        out.append((t0, b0))
+        if t0 > 0 and t1 > t0 * 1.05:
+            steps = 40
+            for k in range(1, steps):
+                t = t0 * (t1 / t0) ** (k / steps)
+                out.append((t, b0 + (b1 - b0) * (t - t0) / (t1 - t0)))
+        elif t0 <= 0 < t1:
+            for k in range(1, 40):
+                t = t1 * k / 40
+                out.append((t, b0 + (b1 - b0) * t / t1))
+    out.extend(series[-1:])
+    return out
+
+
 def plot_egress(results: dict[str, Result], path: Path, title: str) -> None:
     """Cumulative registry egress (in images) over time for each labelled result."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, result in results.items():
-        total, xs, ys = 0, [0.0], [0.0]
-        for when, size in result.registry_series:
-            total += size
-            xs.append(when)
-            ys.append(total / result.image_bytes)
-        ax.plot(xs, ys, label=label)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("registry egress (copies of the image)")
+        points = _densify(result.registry_series)
+        points = [(t, b / result.image_bytes) for t, b in points if t > 0 and b > 0]
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, label=label, linestyle="--" if label == "spegel" else "-")
+    ax.set_xscale("log")  # p2p and direct differ by orders of magnitude in both
+    ax.set_yscale("log")
+    ax.set_xlabel("time (s, log scale)")
+    ax.set_ylabel("registry egress so far (copies of the image, log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
