@@ -1,14 +1,18 @@
-"""deploy/daemonset.yaml stays in step with what `p2pd run` accepts."""
+"""deploy/ stays in step with the daemon: the DaemonSet with what `p2pd run` accepts, the
+Grafana dashboard with the metrics it exports."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from p2pd.cli import build_parser
 from p2pd.config import load_run_config
+from p2pd.io.metrics import Metrics
 
-DAEMONSET = Path(__file__).parents[2] / "deploy" / "daemonset.yaml"
+ROOT = Path(__file__).parents[2]
+DAEMONSET = ROOT / "deploy" / "daemonset.yaml"
 
 
 def test_the_configmap_config_loads_with_the_container_flags(tmp_path: Path) -> None:
@@ -30,3 +34,21 @@ def test_the_configmap_config_loads_with_the_container_flags(tmp_path: Path) -> 
     assert config.peers is not None and config.peers.startswith("dns:")
     assert "containerPort: 5001" in text and "containerPort: 7000" in text
     assert "path: /healthz" in text
+
+
+def test_the_grafana_dashboard_only_uses_metrics_the_daemon_exports() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {m for expr in exprs for m in re.findall(r"\bp2pd_[a-z_]+", expr)}
+    metrics = Metrics()
+    exported = set()
+    for family in metrics.registry.collect():
+        exported.add(family.name)
+        exported.update(sample.name for sample in family.samples)
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+        if family.type == "histogram":
+            exported.update(family.name + s for s in ("_bucket", "_count", "_sum"))
+    assert used and used <= exported, used - exported
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
