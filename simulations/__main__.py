@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace) -> int:
         study = STUDIES.get(args.name)
         if study is None:
             raise SystemExit(f"no study {args.name!r}; see `python -m simulations list`")
-        rows = run_study(study, log)  # type: ignore[arg-type]
+        rows = run_study(study, log,  # type: ignore[arg-type]
+                         lambda rows: save_study(study, rows, args.results))
         path = save_study(study, rows, args.results)
         if len({row["nodes"] for row in rows}) > 2:  # a sweep over N: plot it
             plot_sweep(study_sweeps(rows), path.with_suffix(".png"), study.title)

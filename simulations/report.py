@@ -35,15 +35,18 @@ def run_modes(scenario: Scenario, modes: Sequence[str],
     return out
 
 
-def run_study(study: Study, log: Callable[[str], None] = lambda line: None
+def run_study(study: Study, log: Callable[[str], None] = lambda line: None,
+              done: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
               ) -> list[dict[str, Any]]:
-    """Every case in every mode: one row each (JSON-ready), with the published figures."""
-    rows = []
+    """Every case in every mode: one row each (JSON-ready), with the published figures.
+    ``done`` gets the rows so far after each case (to save a long study as it goes)."""
+    rows: list[dict[str, Any]] = []
     for case in study.cases:
         log(f"{study.name}: {case.label}")
         for mode, result in run_modes(case.scenario, study.modes, log).items():
             rows.append({"case": case.label, "mode": mode, "published": case.published,
                          "nodes": case.scenario.nodes, **result.summary()})
+        done(rows)
     return rows
 
 
