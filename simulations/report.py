@@ -36,7 +36,7 @@ def run_modes(scenario: Scenario, modes: Sequence[str],
 
 
 def run_study(study: Study, log: Callable[[str], None] = lambda line: None,
-              done: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+              done: Callable[[list[dict[str, Any]]], object] = lambda rows: None,
               ) -> list[dict[str, Any]]:
     """Every case in every mode: one row each (JSON-ready), with the published figures.
     ``done`` gets the rows so far after each case (to save a long study as it goes)."""
