@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pd.core.names import default_endpoint, validate_registry_host
+from p2pd.core.tuning import MAX_UPLOADS
 from p2pd.errors import ConfigError, P2PError
 
 _UNITS = {
@@ -102,7 +103,7 @@ class DaemonConfig:
     upload_limit: int | None = None
     download_limit: int | None = None
     upstream_limit: int | None = None
-    max_uploads: int = 8
+    max_uploads: int = MAX_UPLOADS
 
     def cluster_secret(self) -> bytes | None:
         """The cluster secret's bytes (surrounding whitespace dropped), or ``None``."""

@@ -20,8 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from p2pd.core.tuning import MAX_IN_FLIGHT, MAX_UPLOADS
 from simulations.cluster import ARRIVALS, MiB, Result, Scenario
-from simulations.node import MAX_IN_FLIGHT, MAX_UPLOADS, Limits
+from simulations.node import Limits
 from simulations.report import (
     RESULTS_DIR,
     RUNNERS,
@@ -69,7 +70,7 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
                         help="the daemon's --upload-limit, MiB/s")
     parser.add_argument("--download-limit", type=float, default=None,
                         help="the daemon's --download-limit, MiB/s")
-    parser.add_argument("--layer-concurrency", type=int, default=3,
+    parser.add_argument("--layer-concurrency", type=int, default=Limits().layer_concurrency,
                         help="layers containerd pulls at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exact", action="store_true", help="exact max-min rates (slow)")

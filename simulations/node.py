@@ -37,8 +37,7 @@ Simplifications (each a deliberate difference from the daemon):
 - The last piece of a blob is announced and served only when the download is complete
   (the daemon publishes it after the whole blob matched its digest); a piece a holder
   refused as missing is asked of it again after :data:`MISSING_RETRY`.
-- Constants are copied from ``p2pd/io/swarm.py`` and ``p2pd/io/peer.py`` (the simulation
-  must not import trio); keep them in step.
+- The timings and limits are the daemon's own, from :mod:`p2pd.core.tuning`.
 """
 
 from __future__ import annotations
@@ -54,6 +53,22 @@ from p2pd.core.coordinator import Coordinator, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.scheduler import CancelRequest, FetchUpstream, RequestPiece, Scheduler
+from p2pd.core.tuning import (
+    ANNOUNCE_DELAY,
+    BUSY_AFTER,
+    HOLDER_TTL,
+    LEASE_RETRY,
+    LEASE_TTL,
+    LOOKUP_INTERVAL,
+    MAX_IN_FLIGHT,
+    MAX_UPLOADS,
+    MAX_WAITING,
+    MIN_IN_FLIGHT,
+    MISSING_RETRY,
+    REANNOUNCE,
+    STUCK_AFTER,
+    request_share,
+)
 from simulations.engine import Engine, Timer
 from simulations.network import Flow, Host, Network
 
@@ -62,19 +77,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BlobDownload", "BlobSpec", "Coordinator", "PieceLayout", "Scheduler", "SimNode"]
 
-LOOKUP_INTERVAL = 0.25
-LEASE_RETRY = 1.0
-ANNOUNCE_DELAY = 0.1
-REANNOUNCE = 20.0
-HOLDER_TTL = 3 * REANNOUNCE
-LEASE_TTL = 5.0
-STUCK_AFTER = LEASE_TTL + 1.0
-BUSY_AFTER = 1.0
-MAX_UPLOADS = 8
-MAX_WAITING = 4
-MAX_IN_FLIGHT = 16  # per node, shared by its downloads
-MIN_IN_FLIGHT = 4  # per download
-MISSING_RETRY = 2.0
 CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
 
@@ -164,7 +166,7 @@ class SimNode:
     def _share_requests(self) -> None:
         """Split ``max_in_flight`` among the downloads in progress, as the daemon does."""
         limits, active = self.limits, self._active
-        share = max(limits.min_in_flight, limits.max_in_flight // max(1, len(active)))
+        share = request_share(len(active), limits.max_in_flight, limits.min_in_flight)
         for download in active:
             download.sched.set_max_in_flight(share)
             download.poke()

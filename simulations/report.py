@@ -11,10 +11,11 @@ registry egress over time).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from simulations.cluster import Result, Scenario, run_direct, run_p2p, run_spegel
 from simulations.scenarios import Study
@@ -92,30 +93,40 @@ def save_study(study: Study, rows: Sequence[dict[str, Any]], directory: Path) ->
     return path
 
 
-def _pyplot() -> Any:
+@contextmanager
+def _figure(path: Path, title: str, xlabel: str, ylabel: str, *, log_y: bool = False,
+            grid: Literal["major", "minor", "both"] = "major") -> Iterator[Any]:
+    """Axes to draw on (log x: p2p and direct differ by orders of magnitude); on leaving,
+    labelled and saved to ``path`` as PNG (matplotlib's headless backend)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        yield ax
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which=grid)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_cdf(results: dict[str, Result], path: Path, title: str) -> None:
     """Per-node pull time CDF for each labelled result."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, result in results.items():
-        times = result.completion
-        n = len(times)
-        ax.step(times, [(i + 1) / n for i in range(n)], where="post", label=label)
-    ax.set_xscale("log")  # p2p and direct pulls differ by orders of magnitude
-    ax.set_xlabel("pull time per node (s, log scale)")
-    ax.set_ylabel("fraction of nodes done")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, title, "pull time per node (s, log scale)",
+                 "fraction of nodes done") as ax:
+        for label, result in results.items():
+            times = result.completion
+            n = len(times)
+            ax.step(times, [(i + 1) / n for i in range(n)], where="post", label=label)
 
 
 def _densify(series: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -123,38 +134,27 @@ def _densify(series: Sequence[tuple[float, float]]) -> list[tuple[float, float]]
     out: list[tuple[float, float]] = []
     for (t0, b0), (t1, b1) in pairwise(series):
         out.append((t0, b0))
-        if t0 > 0 and t1 > t0 * 1.05:
-            steps = 40
-            for k in range(1, steps):
-                t = t0 * (t1 / t0) ** (k / steps)
-                out.append((t, b0 + (b1 - b0) * (t - t0) / (t1 - t0)))
+        if t0 > 0 and t1 > t0 * 1.05:  # geometric steps: even on a log axis
+            times = [t0 * (t1 / t0) ** (k / 40) for k in range(1, 40)]
         elif t0 <= 0 < t1:
-            for k in range(1, 40):
-                t = t1 * k / 40
-                out.append((t, b0 + (b1 - b0) * t / t1))
+            times = [t1 * k / 40 for k in range(1, 40)]
+        else:
+            continue
+        out.extend((t, b0 + (b1 - b0) * (t - t0) / (t1 - t0)) for t in times)
     out.extend(series[-1:])
     return out
 
 
 def plot_egress(results: dict[str, Result], path: Path, title: str) -> None:
     """Cumulative registry egress (in images) over time for each labelled result."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, result in results.items():
-        points = _densify(result.registry_series)
-        points = [(t, b / result.image_bytes) for t, b in points if t > 0 and b > 0]
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(xs, ys, label=label, linestyle="--" if label == "spegel" else "-")
-    ax.set_xscale("log")  # p2p and direct differ by orders of magnitude in both
-    ax.set_yscale("log")
-    ax.set_xlabel("time (s, log scale)")
-    ax.set_ylabel("registry egress so far (copies of the image, log scale)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, title, "time (s, log scale)",
+                 "registry egress so far (copies of the image, log scale)",
+                 log_y=True) as ax:
+        for label, result in results.items():
+            points = [(t, b / result.image_bytes)
+                      for t, b in _densify(result.registry_series) if t > 0 and b > 0]
+            ax.plot([t for t, _ in points], [b for _, b in points], label=label,
+                    linestyle="--" if label == "spegel" else "-")
 
 
 def _seconds(published: str) -> float | None:
@@ -183,19 +183,9 @@ def study_sweeps(rows: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, fl
 
 def plot_sweep(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
     """Time until every node is done against N, one line per label (log-log)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
-        xs, ys = zip(*sorted(points), strict=True)
-        style = "--" if label.startswith("published") else "-"
-        ax.plot(xs, ys, style, marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("nodes")
-    ax.set_ylabel("time until every node is done (s)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with _figure(path, title, "nodes", "time until every node is done (s)", log_y=True,
+                 grid="both") as ax:
+        for label, points in series.items():
+            xs, ys = zip(*sorted(points), strict=True)
+            style = "--" if label.startswith("published") else "-"
+            ax.plot(xs, ys, style, marker="o", label=label)

@@ -41,6 +41,7 @@ from p2pd.core.messages import (
     Request,
 )
 from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel
+from p2pd.core.tuning import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING
 from p2pd.errors import P2PError, ProtocolError, RemoteProtocolError
 from p2pd.io.throttle import Throttle
 
@@ -49,11 +50,6 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0
 """A piece the peer has not taken within this time ends the connection."""
-BUSY_AFTER = 1.0
-"""A piece request that waits this long for an upload slot is refused as busy."""
-MAX_WAITING = 4
-"""With every upload slot taken and this many requests waiting, a request is refused as
-busy at once: the asker does better elsewhere than in a long queue here."""
 IDLE_TIMEOUT = 300.0
 MAX_PIPELINE = 32
 """Piece requests one connection may have waiting or being answered; more are refused as
@@ -99,7 +95,7 @@ class PeerService:
     on_protocol_error: Callable[[], None] = lambda: None
     coordinator: Coordinating | None = None
     upload: Throttle = field(default_factory=lambda: Throttle(None))
-    max_uploads: int = 8
+    max_uploads: int = MAX_UPLOADS
     max_waiting: int = MAX_WAITING
     _slots: trio.Semaphore | None = None
 

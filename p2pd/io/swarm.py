@@ -42,34 +42,28 @@ from p2pd.core.messages import (
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout, piece_size_for
 from p2pd.core.scheduler import FetchUpstream, RequestPiece, Scheduler
+from p2pd.core.tuning import (
+    ANNOUNCE_DELAY,
+    HOLDER_TTL,
+    LEASE_RETRY,
+    LEASE_TTL,
+    LOOKUP_INTERVAL,
+    MAX_IN_FLIGHT,
+    MISSING_RETRY,
+    REANNOUNCE,
+    STUCK_AFTER,
+    request_share,
+)
 from p2pd.errors import P2PError
 from p2pd.io.peer import PeerLink, PeerUnavailable, open_peer_link
 from p2pd.io.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
-LOOKUP_INTERVAL = 0.25
-LEASE_RETRY = 1.0
-ANNOUNCE_DELAY = 0.1
-REANNOUNCE = 20.0
-HOLDER_TTL = 3 * REANNOUNCE
-LEASE_TTL = 5.0
 RPC_TIMEOUT = 3.0
 """A coordinator that has not answered by then counts as unreachable (the pull goes on)."""
 PIECE_TIMEOUT = 30.0
 """A piece request given up for good (the scheduler re-asks elsewhere long before)."""
-MAX_IN_FLIGHT = 16
-"""Piece requests this node keeps out at once, shared by the blobs it downloads (but at
-least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders (8
-upload slots and 4 waiting each) are not swamped with requests they can only refuse."""
-MIN_IN_FLIGHT = 4
-MISSING_RETRY = 2.0
-"""A peer that refused a piece it announced is asked for it again after this long (it
-may have been about to publish it; or the coordinator's view of it is stale)."""
-STUCK_AFTER = LEASE_TTL + 1.0
-"""Pieces no usable peer has and nobody fetches for this long come from upstream anyway
-(unless pieces are still on their way from peers: a slow peer is not a missing one; the
-scheduler's request timeout takes care of peers that stop answering)."""
 ZERO = bytes(32)
 
 StorePiece = Callable[[int, bytes, str], Awaitable[bool]]
@@ -256,9 +250,9 @@ class Swarm:
             self._share_requests()
 
     def _share_requests(self) -> None:
-        """Split :data:`MAX_IN_FLIGHT` among the downloads in progress."""
+        """Split the node's request budget among the downloads in progress."""
         fetches = self._fetches
-        share = max(MIN_IN_FLIGHT, MAX_IN_FLIGHT // max(1, len(fetches)))
+        share = request_share(len(fetches))
         for fetch in fetches:
             fetch.sched.set_max_in_flight(share)
             fetch.wake.set()

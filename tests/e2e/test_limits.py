@@ -10,7 +10,8 @@ import pytest
 import trio
 
 from p2pd.core.messages import Lookup, Peers
-from p2pd.io.peer import BUSY_AFTER, open_peer_link
+from p2pd.core.tuning import BUSY_AFTER
+from p2pd.io.peer import open_peer_link
 from p2pd.lab.daemon import P2pd, start_swarm
 from p2pd.lab.images import build_image, push_image
 from p2pd.lab.registry import Registry

@@ -3,8 +3,9 @@ MAX_WAITING waiters they are refused at once."""
 
 import pytest
 
+from p2pd.core.tuning import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING
 from simulations.cluster import Cluster, MiB, Scenario
-from simulations.node import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING, BlobDownload, SimNode
+from simulations.node import BlobDownload, SimNode
 
 SCENARIO = Scenario(nodes=2, image_bytes=8 * MiB, layers=1, node_up=10 * MiB,
                     node_down=100 * MiB, registry_up=10 * MiB, seed=1)

@@ -1,0 +1,45 @@
+"""The swarm's timings and limits, in one place for the daemon and the simulation.
+
+``p2pd/io/swarm.py`` and ``p2pd/io/peer.py`` run with them; ``simulations/node.py``
+simulates the same daemon and must not import trio, so both read them from here.
+Seconds and counts.
+"""
+
+from __future__ import annotations
+
+LOOKUP_INTERVAL = 0.25
+"""How often a download asks its blob's coordinator who holds which pieces."""
+LEASE_RETRY = 1.0
+"""How often a download asks for the upstream lease while pieces nobody holds are wanted."""
+ANNOUNCE_DELAY = 0.1
+"""Newly stored pieces are announced to the coordinator within this long (batched)."""
+REANNOUNCE = 20.0
+"""Complete blobs are announced again this often (the coordinator's state is soft)."""
+HOLDER_TTL = 3 * REANNOUNCE
+LEASE_TTL = 5.0
+STUCK_AFTER = LEASE_TTL + 1.0
+"""Pieces no usable peer has and nobody fetches for this long come from upstream anyway
+(unless pieces are still on their way from peers: a slow peer is not a missing one; the
+scheduler's request timeout takes care of peers that stop answering)."""
+MISSING_RETRY = 2.0
+"""A peer that refused a piece it announced is asked for it again after this long (it
+may have been about to publish it; or the coordinator's view of it is stale)."""
+MAX_IN_FLIGHT = 16
+"""Piece requests a node keeps out at once, shared by the blobs it downloads (but at
+least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders
+(:data:`MAX_UPLOADS` slots and :data:`MAX_WAITING` waiting each) are not swamped with
+requests they can only refuse."""
+MIN_IN_FLIGHT = 4
+MAX_UPLOADS = 8
+"""Pieces a daemon sends to peers at the same time (``--max-uploads``)."""
+BUSY_AFTER = 1.0
+"""A piece request that waits this long for an upload slot is refused as busy."""
+MAX_WAITING = 4
+"""With every upload slot taken and this many requests waiting, a request is refused as
+busy at once: the asker does better elsewhere than in a long queue here."""
+
+
+def request_share(downloads: int, budget: int = MAX_IN_FLIGHT,
+                  floor: int = MIN_IN_FLIGHT) -> int:
+    """Each download's part of a node's request ``budget`` with ``downloads`` running."""
+    return max(floor, budget // max(1, downloads))
