@@ -15,6 +15,7 @@ from p2pd.core.digest import Digest
 from p2pd.core.lru import LruPolicy
 from p2pd.core.membership import Member, Membership
 from p2pd.errors import ConfigError
+from p2pd.io.admin import Admin
 from p2pd.io.blobs import BlobService
 from p2pd.io.discovery import (
     discovery_from_spec,
@@ -73,20 +74,26 @@ async def run_daemon(
             blobs = BlobService(store, upstreams, metrics, lru, nursery)
             await blobs.open()
             mirror = Mirror(config, blobs, upstreams, metrics)
+            admin = Admin(config, node_id, mirror, blobs, started=trio.current_time())
+            mirror.admin = admin.handle
             if peer_listeners:
                 swarm = None
                 if config.peers is not None:
                     swarm = await _start_swarm(config, node_id, _address(peer_listeners),
                                                blobs, metrics, nursery)
+                    admin.swarm, admin.membership = swarm, swarm.membership
+                    admin.peer_addr = swarm.addr
                 peers = PeerService(node_id, config.cluster_secret(), blobs.piece_for_peer,
                                     on_bytes_uploaded=metrics.peer_bytes_uploaded.inc,
                                     on_protocol_error=metrics.peer_protocol_errors.inc,
                                     coordinator=swarm, upload=Throttle(config.upload_limit),
-                                    max_uploads=config.max_uploads)
+                                    max_uploads=config.max_uploads,
+                                    replicate=blobs.replicate)
                 await nursery.start(peers.serve, peer_listeners)
                 log.info("p2pd peer port on %s as node %s", _address(peer_listeners), node_id)
             await nursery.start(serve_http, listeners, mirror.handle)
             address = _address(listeners)
+            admin.mirror_addr = format_addr(*address)
             mirror.ready = True
             log.info("p2pd mirror listening on %s:%d, cache %s (limit %d bytes)",
                      address[0], address[1], config.cache_dir, config.cache_size)

@@ -73,6 +73,14 @@ REFUSE_BUSY: Final = "busy"
 """``REFUSE`` reason: the node holds the piece but is at its upload limit; ask later."""
 REFUSE_CANCELLED: Final = "cancelled"
 """``REFUSE`` reason: the requester sent ``CANCEL`` before the piece went out."""
+REPLICATED_HELD: Final = "held"
+"""``REPLICATED`` reason: the blob was already in the cache."""
+REPLICATED_FETCHED: Final = "fetched"
+"""``REPLICATED`` reason: the blob was fetched from peers and verified."""
+REPLICATED_FAILED: Final = "failed"
+"""``REPLICATED`` reason: the blob could not be had from peers (or did not verify)."""
+REPLICATED_UNSUPPORTED: Final = "unsupported"
+"""``REPLICATED`` reason: the node has no cache or swarm to replicate into."""
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9.-]*")
@@ -428,9 +436,35 @@ class LeaseGrant(_Checked):
     holder: str
 
 
+@dataclass(frozen=True, slots=True)
+class Replicate(_Checked):
+    """Ask a node to bring a whole blob into its cache from the swarm (a preheat), and
+    answer with :class:`Replicated` once it holds it or gave up.
+
+    The blob comes from peers only: the asker holds no registry credentials to pass on,
+    so the receiver never goes upstream for it.
+    """
+
+    TAG: ClassVar[int] = 16
+    request_id: int
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated(_Checked):
+    """The answer to :class:`Replicate`; ``reason`` is a ``REPLICATED_*`` name."""
+
+    TAG: ClassVar[int] = 17
+    request_id: int
+    digest: str
+    size: int
+    reason: str
+
+
 Message = (
     Hello | AuthProof | Error | Ping | Pong | Have | Request | Piece | Refuse | Cancel
-    | Announce | Lookup | Peers | Lease | LeaseGrant
+    | Announce | Lookup | Peers | Lease | LeaseGrant | Replicate | Replicated
 )
 """Any message of the peer wire protocol."""
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
+from p2pd.core.digest import Digest
 from p2pd.errors import NameInvalid, ReferenceInvalid, RegistryInvalid
 
 # From the OCI distribution spec: path components separated by "/".
@@ -62,3 +64,54 @@ def default_endpoint(host: str) -> str:
     if host == DOCKER_HUB:
         host = DOCKER_HUB_ENDPOINT_HOST
     return f"https://{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReference:
+    """A parsed image reference: ``registry/name`` and a tag or a digest (or both)."""
+
+    registry: str
+    name: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def reference(self) -> str:
+        """What to ask the manifest endpoint for: the digest if given, else the tag."""
+        return self.digest or self.tag or "latest"
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.name}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+
+def parse_reference(text: str) -> ImageReference:
+    """Parse an image reference the way docker and containerd do.
+
+    The first path component is the registry if it contains ``.`` or ``:`` or is
+    ``localhost``; otherwise the image is on Docker Hub, where one-component names live
+    under ``library/``. No tag and no digest means ``latest``. Raises a
+    :class:`~p2pd.errors.InvalidRequest` subclass naming what is wrong.
+    """
+    rest, _, digest = text.partition("@")
+    if digest:
+        Digest.parse(digest)
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, path = validate_registry_host(first), remainder
+    else:
+        registry, path = DOCKER_HUB, rest
+    name, colon, tag = path.rpartition(":")
+    if not colon:
+        name, tag = path, ""
+    if registry == DOCKER_HUB and "/" not in name:
+        name = f"library/{name}"
+    validate_name(name)
+    if tag:
+        validate_tag(tag)
+    return ImageReference(registry, name, tag or (None if digest else "latest"),
+                          digest or None)

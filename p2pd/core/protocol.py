@@ -23,11 +23,11 @@ until the peer's proof checks out. Our own messages may be sent once the state i
 In ``ERROR`` every further :meth:`PeerConnection.next_event` raises, and one ``ERROR``
 message may still be sent to tell the peer why.
 
-Requests: every ``REQUEST``, ``LOOKUP`` and ``LEASE`` is answered exactly once (by
-``PIECE`` or ``REFUSE``, ``PEERS``, ``LEASE_GRANT``). The connection tracks requests in
-flight both ways, so an answer to nothing, a repeated id, a mismatched answer or more
-than :data:`MAX_IN_FLIGHT` open requests are protocol errors whichever side commits
-them. A ``CANCEL`` that crosses the answer on the wire is dropped silently.
+Requests: every ``REQUEST``, ``LOOKUP``, ``LEASE`` and ``REPLICATE`` is answered exactly
+once (by ``PIECE`` or ``REFUSE``, ``PEERS``, ``LEASE_GRANT``, ``REPLICATED``). The
+connection tracks requests in flight both ways, so an answer to nothing, a repeated id,
+a mismatched answer or more than :data:`MAX_IN_FLIGHT` open requests are protocol errors
+whichever side commits them. A ``CANCEL`` that crosses the answer on the wire is dropped silently.
 
 Driving it (the trio transport does exactly this)::
 
@@ -68,6 +68,8 @@ from p2pd.core.messages import (
     Peers,
     Piece,
     Refuse,
+    Replicate,
+    Replicated,
     Request,
     decode_message,
     encode_message,
@@ -208,8 +210,8 @@ _TRANSITIONS: Final[Mapping[tuple[bool, State, Input], State]] = {
     **{(secret, State.ERROR, Input.SEND_ERROR): State.ERROR for secret in (False, True)},
 }
 
-_Asking = Request | Lookup | Lease
-_Answer = Piece | Refuse | Peers | LeaseGrant
+_Asking = Request | Lookup | Lease | Replicate
+_Answer = Piece | Refuse | Peers | LeaseGrant | Replicated
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,12 +278,12 @@ class PeerConnection:
         return self._peer_hello
 
     @property
-    def in_flight(self) -> Mapping[int, Request | Lookup | Lease]:
+    def in_flight(self) -> Mapping[int, _Asking]:
         """Our requests not yet answered, by id (to retry elsewhere if the peer goes)."""
         return MappingProxyType(self._asked)
 
     @property
-    def peer_in_flight(self) -> Mapping[int, Request | Lookup | Lease]:
+    def peer_in_flight(self) -> Mapping[int, _Asking]:
         """The peer's requests we have not yet answered, by id."""
         return MappingProxyType(self._asked_by_peer)
 
@@ -442,13 +444,13 @@ def _record(
     side; ``grantee`` is the node a LEASE_GRANT of the sender would go to. Nothing is
     recorded when a reason is returned.
     """
-    if isinstance(message, (Request, Lookup, Lease)):
+    if isinstance(message, (Request, Lookup, Lease, Replicate)):
         if message.request_id in mine:
             return f"request id {message.request_id} is already in flight"
         if len(mine) >= MAX_IN_FLIGHT:
             return f"more than {MAX_IN_FLIGHT} requests in flight"
         mine[message.request_id] = message
-    elif isinstance(message, (Piece, Refuse, Peers, LeaseGrant)):
+    elif isinstance(message, (Piece, Refuse, Peers, LeaseGrant, Replicated)):
         asked = theirs.get(message.request_id)
         if asked is None or not _answers(message, asked, grantee):
             name = type(message).__name__
@@ -467,6 +469,8 @@ def _answers(answer: _Answer, asked: _Asking, grantee: str) -> bool:
         return isinstance(asked, Request) and answer.index == asked.index
     if isinstance(answer, Peers):
         return isinstance(asked, Lookup)
+    if isinstance(answer, Replicated):
+        return isinstance(asked, Replicate)
     return (
         isinstance(asked, Lease)
         and asked.first_piece <= answer.first_piece

@@ -23,6 +23,12 @@ import trio
 
 from p2pd.core.digest import Digest
 from p2pd.core.lru import LruPolicy
+from p2pd.core.messages import (
+    REPLICATED_FAILED,
+    REPLICATED_FETCHED,
+    REPLICATED_HELD,
+    REPLICATED_UNSUPPORTED,
+)
 from p2pd.core.pieces import PieceLayout
 from p2pd.errors import CorruptPiece, DigestMismatch, P2PError, UpstreamError
 from p2pd.io.bodies import cut_into_pieces
@@ -35,6 +41,8 @@ from p2pd.io.upstream import Upstreams
 
 log = logging.getLogger(__name__)
 
+PEERS_ONLY = ""
+"""The registry of a download that must not go upstream (a preheat replica)."""
 UPSTREAM_ATTEMPTS = 4
 RETRY_DELAY = 0.5
 STORE_AHEAD = 3
@@ -178,7 +186,8 @@ class BlobService:
             await self._upstream_range(dl, registry, name, headers, first, stop, on_piece)
 
         try:
-            await swarm.fetch(str(digest), layout.size, store, fetch_range, state)
+            await swarm.fetch(str(digest), layout.size, store, fetch_range, state,
+                              peers_only=registry == PEERS_ONLY)
             actual = await hasher.digest()
         finally:
             hasher.close()
@@ -361,6 +370,26 @@ class BlobService:
             return os.pread(part.fd, part.length, 0)
         finally:
             part.close()
+
+    async def replicate(self, digest_text: str, size: int) -> str:
+        """Bring a whole blob into the cache from peers, for a preheat another node asked
+        for; the ``REPLICATED_*`` reason once it is held or given up on."""
+        digest = Digest.parse(digest_text)
+        table = self.tables.get(digest)
+        if table is not None and table.size == size:
+            self.touch(digest)
+            return REPLICATED_HELD
+        if self.swarm is None or size == 0:
+            return REPLICATED_UNSUPPORTED
+        dl = self.download(PEERS_ONLY, "", digest, size, ())
+        try:
+            await dl.wait_piece(dl.layout.count - 1)
+        except DownloadFailed as exc:
+            log.info("blob %s: preheat replica failed: %s", digest.short, exc.__cause__)
+            return REPLICATED_FAILED
+        log.info("blob %s: preheat replica held (%s)", digest.short,
+                 ", ".join(f"{k} {v}" for k, v in sorted(dl.bytes_by_source.items())))
+        return REPLICATED_FETCHED
 
     def held_states(self) -> list[BlobState]:
         """Every complete cached blob, as announced to the swarm."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -29,6 +30,9 @@ class Download:
     published: list[bool] = field(default_factory=list)
     error: BaseException | None = None
     bytes_by_source: dict[str, int] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    accounted: bool = False
+    """Whether a response has reported ``bytes_by_source`` (in ``p2pd status``)."""
     # The newest pieces stay in memory, so readers keeping pace with the download get
     # them without reading and hashing the file again.
     recent: dict[int, bytes] = field(default_factory=dict)

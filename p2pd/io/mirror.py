@@ -14,12 +14,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from p2pd.config import DaemonConfig
+from p2pd.core.activity import Activity, ManifestSeen, Served
 from p2pd.core.digest import Digest
 from p2pd.core.oci import AccessGrants, Route, error_body, error_for, parse_target
 from p2pd.core.pieces import PieceLayout
@@ -27,7 +29,7 @@ from p2pd.core.ranges import ByteRange, parse_range
 from p2pd.errors import CorruptPiece, InvalidRequest, RangeNotSatisfiable, UpstreamError
 from p2pd.io.blobs import BlobService
 from p2pd.io.download import Download, DownloadFailed, Pending
-from p2pd.io.http import Request, ResponseAborted, ResponseWriter
+from p2pd.io.http import Handler, Request, ResponseAborted, ResponseWriter
 from p2pd.io.metrics import Metrics
 from p2pd.io.store import FileRegion
 from p2pd.io.upstream import Upstreams, forwardable
@@ -61,6 +63,9 @@ class Mirror:
         self.upstreams = upstreams
         self.metrics = metrics
         self.grants = AccessGrants(config.access_ttl)
+        self.activity = Activity()
+        self.admin: Handler | None = None
+        """Answers ``/_p2pd/...`` (the operator commands' endpoints), set by the daemon."""
         self.ready = False
 
     async def handle(self, req: Request, resp: ResponseWriter) -> None:
@@ -74,6 +79,9 @@ class Mirror:
         if path == "/metrics":
             await resp.send(200, [("Content-Type", self.metrics.content_type)],
                             self.metrics.render())
+            return
+        if path.startswith("/_p2pd/") and self.admin is not None:
+            await self.admin(req, resp)
             return
         if req.method not in ("GET", "HEAD"):
             await _error(resp, 405, "UNSUPPORTED", "p2pd is a pull-only mirror")
@@ -90,7 +98,12 @@ class Mirror:
             if route.kind == "blob":
                 await self._blob(req, resp, registry, route)
             elif route.kind == "manifest":
-                await self._manifest(req, resp, registry, route)
+                try:
+                    await self._manifest(req, resp, registry, route)
+                finally:
+                    self.activity.manifest(ManifestSeen(
+                        time.time(), registry, route.name, str(route.reference), req.method,
+                        resp.status or 0))
             else:
                 await self._base(req, resp, registry)
         except Refused:
@@ -292,6 +305,12 @@ class Mirror:
                      "whole" if rng.is_whole else rng.content_range(), sent, origin, elapsed,
                      req.client)
             self.metrics.blob_duration.labels(source).observe(elapsed)
+            fetched: dict[str, int] = {}
+            if dl is not None and not dl.accounted:  # a download's bytes count once
+                fetched, dl.accounted = dl.bytes_by_source, True
+            self.activity.blob(Served(
+                time.time(), registry, route.name, str(digest), layout.size, sent,
+                sent if dl is None else 0, fetched.get("peer", 0), fetched.get("upstream", 0)))
         finally:
             self.blobs.lru.unpin(digest)
 

@@ -27,6 +27,8 @@ from p2pd.core.messages import (
     ERROR_PROTOCOL,
     REFUSE_BUSY,
     REFUSE_MISSING,
+    REPLICATED_FAILED,
+    REPLICATED_UNSUPPORTED,
     Announce,
     Error,
     Lease,
@@ -38,6 +40,8 @@ from p2pd.core.messages import (
     Ping,
     Pong,
     Refuse,
+    Replicate,
+    Replicated,
     Request,
 )
 from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel
@@ -57,6 +61,8 @@ busy at once."""
 
 PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
 """``(digest, size, index) -> verified piece bytes, or None if this node lacks them``."""
+Replicator = Callable[[str, int], Awaitable[str]]
+"""``(digest, size) -> REPLICATED_* reason``, once the blob is held or given up on."""
 
 
 class Coordinating(Protocol):
@@ -97,6 +103,7 @@ class PeerService:
     upload: Throttle = field(default_factory=lambda: Throttle(None))
     max_uploads: int = MAX_UPLOADS
     max_waiting: int = MAX_WAITING
+    replicate: Replicator | None = None
     _slots: trio.Semaphore | None = None
 
     async def serve(
@@ -158,6 +165,9 @@ class PeerService:
                     send.uploads += 1
                     uploads.start_soon(self._upload, conn, send, event)
                 continue
+            if isinstance(event, Replicate):  # answered when the blob is in (a task)
+                uploads.start_soon(self._replicate, conn, send, event)
+                continue
             reply = await self._reply(hello.node_id if hello else "?", event)
             if reply is not None:
                 await send(conn.send(reply))
@@ -176,6 +186,19 @@ class PeerService:
             pass  # the reading side sees it too
         finally:
             send.uploads -= 1
+
+    async def _replicate(self, conn: PeerConnection, send: _Sender, ask: Replicate) -> None:
+        reason = REPLICATED_UNSUPPORTED
+        if self.replicate is not None:
+            try:
+                reason = await self.replicate(ask.digest, ask.size)
+            except Exception:  # a preheat must never take the connection down
+                log.exception("replicating %s failed unexpectedly", ask.digest[7:19])
+                reason = REPLICATED_FAILED
+        try:
+            await send(conn.send(Replicated(ask.request_id, ask.digest, ask.size, reason)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the asker went away; the blob stays in the cache all the same
 
     async def _answer_request(
         self, conn: PeerConnection, send: _Sender, request: Request

@@ -26,7 +26,7 @@ import trio
 
 from p2pd.core.bitfield import pack_bitfield, unpack_bitfield
 from p2pd.core.coordinator import Coordinator
-from p2pd.core.membership import Member, Membership, coordinator_for
+from p2pd.core.membership import Member, Membership, coordinator_for, rendezvous_order
 from p2pd.core.messages import (
     REFUSE_BUSY,
     Announce,
@@ -37,6 +37,8 @@ from p2pd.core.messages import (
     Peers,
     Piece,
     Refuse,
+    Replicate,
+    Replicated,
     Request,
 )
 from p2pd.core.peerscore import PeerScores
@@ -237,10 +239,15 @@ class Swarm:
 
     async def fetch(
         self, digest: str, size: int, store: StorePiece, fetch_range: FetchRange,
-        state: BlobState,
+        state: BlobState, *, peers_only: bool = False,
     ) -> None:
-        """Get every piece of a blob into ``store``, from peers where possible."""
-        fetch = _Fetch(self, digest, size, store, fetch_range, state)
+        """Get every piece of a blob into ``store``, from peers where possible.
+
+        With ``peers_only`` (a preheat replica, fetched without registry credentials)
+        upstream is never asked: where the daemon would go upstream, the fetch fails with
+        :class:`NoPeerHolds` instead.
+        """
+        fetch = _Fetch(self, digest, size, store, fetch_range, state, peers_only)
         self._fetches.append(fetch)
         self._share_requests()
         try:
@@ -248,6 +255,21 @@ class Swarm:
         finally:
             self._fetches.remove(fetch)
             self._share_requests()
+
+    def placement(self, digest: str, replicas: int) -> list[Member]:
+        """The ``replicas`` live members a preheat puts ``digest`` on: the head of its
+        rendezvous order, the coordinator first, the same order every node computes."""
+        return rendezvous_order(digest, self.membership.alive(trio.current_time()))[:replicas]
+
+    async def replicate_to(self, addr: str, digest: str, size: int) -> str:
+        """Have the node at ``addr`` bring ``digest`` into its cache from the swarm (a
+        preheat); its ``REPLICATED_*`` answer once it holds the blob or gave up."""
+        link = await self._link(addr, control=True)
+        answer = await link.call(lambda rid: Replicate(rid, digest, size))
+        if not isinstance(answer, Replicated):
+            raise PeerUnavailable(f"peer {addr} answered {type(answer).__name__}")
+        self.membership.heard_from(addr, trio.current_time())
+        return answer.reason
 
     def _share_requests(self) -> None:
         """Split the node's request budget among the downloads in progress."""
@@ -258,14 +280,19 @@ class Swarm:
             fetch.wake.set()
 
 
+class NoPeerHolds(P2PError):
+    """A peers-only fetch (a preheat replica) found no peer to give it every piece."""
+
+
 class _Fetch:
     """One blob's download through the swarm (see the module docstring)."""
 
     def __init__(
         self, swarm: Swarm, digest: str, size: int, store: StorePiece,
-        fetch_range: FetchRange, state: BlobState,
+        fetch_range: FetchRange, state: BlobState, peers_only: bool,
     ) -> None:
         self.swarm, self.digest, self.size = swarm, digest, size
+        self.peers_only = peers_only
         self.layout = PieceLayout.for_size(size)
         self.store, self.fetch_range, self.state = store, fetch_range, state
         self.sched = Scheduler(self.layout, rng=swarm.rng, scores=swarm.scores,
@@ -292,7 +319,7 @@ class _Fetch:
                     await self._lookup(now)
                     next_lookup = now + LOOKUP_INTERVAL
                 wanted = self.sched.wants_lease
-                if wanted and now >= next_lease:
+                if wanted and now >= next_lease and not self.peers_only:
                     await self._lease(now)
                     next_lease = now + LEASE_RETRY
                 # Pieces that only blamed or vanished peers claim, or whose fetcher
@@ -354,6 +381,8 @@ class _Fetch:
 
     def _go_solo(self, why: str) -> None:
         """Fetch from upstream whatever no usable peer holds (peers still serve the rest)."""
+        if self.peers_only:
+            raise NoPeerHolds(f"blob {self.digest[7:19]}: {why}, and it may not go upstream")
         if len(self.upstream) < self.layout.count:
             log.warning("blob %s: %s; fetching missing pieces from upstream",
                         self.digest[7:19], why)

@@ -58,10 +58,25 @@ def _toml_str(value: str) -> str:
 
 
 def containerd_config(
-    root: Path, state: Path, sock: Path, opt_dir: Path, *, debug: bool = False
+    root: Path, state: Path, sock: Path, opt_dir: Path, *, debug: bool = False,
+    cri_hosts_dir: Path | None = None,
 ) -> str:
-    """Render a containerd v2 config for an isolated instance."""
-    disabled = ", ".join(_toml_str(p) for p in DISABLED_PLUGINS)
+    """Render a containerd v2 config for an isolated instance.
+
+    With ``cri_hosts_dir`` the CRI plugin (the kubelet's way in) is left enabled and
+    reads its registry hosts from that directory, as on a Kubernetes node.
+    """
+    plugins = [p for p in DISABLED_PLUGINS
+               if cri_hosts_dir is None or p != "io.containerd.grpc.v1.cri"]
+    disabled = ", ".join(_toml_str(p) for p in plugins)
+    cri = [] if cri_hosts_dir is None else [
+        '[plugins."io.containerd.grpc.v1.cri"]',
+        f"  root = {_toml_str(str(root / 'cri'))}",
+        f"  state = {_toml_str(str(state / 'cri'))}",
+        '[plugins."io.containerd.grpc.v1.cri".registry]',
+        f"  config_path = {_toml_str(str(cri_hosts_dir))}",
+        "",
+    ]
     return "\n".join(
         [
             "version = 2",
@@ -85,6 +100,7 @@ def containerd_config(
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {_toml_str(str(opt_dir))}",
             "",
+            *cri,
         ]
     )
 
@@ -122,8 +138,12 @@ class Containerd(StopOnExit):
         namespace: str = NAMESPACE,
         debug: bool = False,
         timeout: float = 20.0,
+        cri_hosts_dir: Path | None = None,
     ) -> Containerd:
-        """Write a config into ``workdir``, start containerd and wait until it answers."""
+        """Write a config into ``workdir``, start containerd and wait until it answers.
+
+        ``cri_hosts_dir`` enables the CRI plugin with that registry ``config_path``.
+        """
         workdir.mkdir(parents=True, exist_ok=True)
         sock = workdir / "c.sock"
         sock_dir: Path | None = None
@@ -133,7 +153,8 @@ class Containerd(StopOnExit):
         config = workdir / "config.toml"
         config.write_text(
             containerd_config(
-                workdir / "root", workdir / "state", sock, workdir / "opt", debug=debug
+                workdir / "root", workdir / "state", sock, workdir / "opt", debug=debug,
+                cri_hosts_dir=cri_hosts_dir,
             )
         )
         proc = Proc.start([CONTAINERD_BIN, "--config", str(config)], workdir / "containerd.log")

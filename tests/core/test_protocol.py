@@ -41,6 +41,8 @@ from p2pd.core.messages import (
     Ping,
     Pong,
     Refuse,
+    Replicate,
+    Replicated,
     Request,
     decode_message,
     encode_message,
@@ -161,6 +163,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     peers(),
     leases(),
     leases(grant=True),
+    st.builds(Replicate, uints, digests, st.integers(0, MAX_BLOB_SIZE)),
+    st.builds(Replicated, uints, digests, st.integers(0, MAX_BLOB_SIZE), tokens),
 )
 
 
@@ -482,6 +486,9 @@ def test_cancel_is_answered_or_dropped_when_it_crosses_the_answer() -> None:
         (Lease(1, DIGEST, SIZE, 1, 2), LeaseGrant(1, DIGEST, SIZE, 0, 2, False, "node-c")),
         (Lease(1, DIGEST, SIZE, 1, 2), LeaseGrant(1, DIGEST, SIZE, 1, 2, True, "node-c")),
         (Lookup(1, DIGEST, SIZE), Cancel(1)),
+        (Replicate(1, DIGEST, SIZE), Peers(1, DIGEST, SIZE, (), None, b"")),
+        (Lookup(1, DIGEST, SIZE), Replicated(1, DIGEST, SIZE, "held")),
+        (Replicate(1, DIGEST, SIZE), Replicated(1, DIGEST, SIZE + 1, "held")),
     ],
 )
 def test_mismatched_answers_are_refused_both_ways(asked: Message, answer: Message) -> None:
@@ -663,3 +670,15 @@ def test_piece_tables_on_the_wire_must_match_the_pieces() -> None:
         Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", b"\x01" * 31)
     with pytest.raises(LocalProtocolError, match="empty or hold"):
         Peers(1, DIGEST, SIZE, (), None, b"\x01" * 32)
+
+
+def test_a_replicate_is_answered_once_by_replicated() -> None:
+    a, b = ready_pair()
+    b.receive_data(a.send(Replicate(7, DIGEST, SIZE)))
+    assert drain(b) == [Replicate(7, DIGEST, SIZE)]
+    assert b.peer_in_flight == {7: Replicate(7, DIGEST, SIZE)}
+    a.receive_data(b.send(Replicated(7, DIGEST, SIZE, "fetched")))
+    assert drain(a) == [Replicated(7, DIGEST, SIZE, "fetched")]
+    assert not a.in_flight and not b.peer_in_flight
+    with pytest.raises(LocalProtocolError, match="answers no request"):
+        b.send(Replicated(7, DIGEST, SIZE, "fetched"))
