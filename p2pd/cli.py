@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,11 @@ def _containerd_config(args: argparse.Namespace) -> int:
 
     if args.server and len(args.registry) > 1:
         raise ConfigError("--server names one registry's fallback: give one --registry with it")
+    if args.remove and args.hold:
+        raise ConfigError("--hold writes and later removes the files: give it without "
+                          "--remove")
+    if args.hold:  # before writing: a signal from now on must not kill us half-way
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     if args.remove:
         for registry in args.registry:
             path = remove_hosts_toml(args.hosts_dir, registry)
@@ -76,7 +82,15 @@ def _containerd_config(args: argparse.Namespace) -> int:
     for registry in args.registry:
         path = write_hosts_toml(args.hosts_dir, registry, args.mirror, server=args.server,
                                 force=args.force)
-        print(f"wrote {path}")
+        print(f"wrote {path}", flush=True)
+    if args.hold:
+        # Keep the files while this process lives: a DaemonSet's pod writes them when it
+        # starts and removes them when it is deleted (uninstall), not a moment later.
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        for registry in args.registry:
+            removed = remove_hosts_toml(args.hosts_dir, registry)
+            print(f"removed {removed}" if removed else f"nothing of p2pd's for {registry}",
+                  flush=True)
     return 0
 
 
@@ -154,9 +168,11 @@ def _doctor(args: argparse.Namespace) -> int:
     from p2pd.client.doctor import as_json, doctor
 
     ctr = ["ctr", "--address", args.containerd_address, "--namespace", args.namespace]
+    if args.host_root:
+        ctr = ["chroot", str(args.host_root), *ctr]
     with _mirror(args) as mirror:
         checks = doctor(mirror, args.containerd_config, args.hosts_dir, args.registry or [],
-                        args.image, ctr)
+                        args.image, ctr, args.host_root)
     report = as_json(checks)
     if args.json:
         _print_json(report)
@@ -224,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="overwrite a hosts.toml that p2pd did not write")
     cc.add_argument("--remove", action="store_true",
                     help="remove the hosts.toml files p2pd wrote, and only those")
+    cc.add_argument("--hold", action="store_true",
+                    help="after writing, wait for SIGTERM or SIGINT, then remove the files "
+                    "again (the DaemonSet's sidecar: the files live as long as the pod)")
     cc.set_defaults(func=_containerd_config)
 
     demo = sub.add_parser(
@@ -297,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="SOCK", help="containerd's socket, for ctr")
     doc.add_argument("--namespace", default="k8s.io",
                      help="containerd namespace for ctr (default k8s.io)")
+    doc.add_argument("--host-root", type=Path, metavar="DIR",
+                     help="the node's file system is mounted here (doctor in a pod, e.g. "
+                     "kubectl debug node/NAME --profile=sysadmin: /host); host paths are "
+                     "read below it and ctr runs chrooted into it")
     doc.set_defaults(func=_doctor)
     return parser
 

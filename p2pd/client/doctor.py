@@ -185,8 +185,18 @@ def prove(mirror: Mirror, image: str, hosts_dir: Path, ctr: list[str]) -> Check:
 
 
 def doctor(mirror: Mirror, containerd_config: Path, hosts_dir: Path | None,
-           registries: list[str], image: str | None, ctr: list[str]) -> list[Check]:
-    """Every check, in the order a person would fix them."""
+           registries: list[str], image: str | None, ctr: list[str],
+           host_root: Path | None = None) -> list[Check]:
+    """Every check, in the order a person would fix them.
+
+    ``host_root`` is where the node's file system is mounted when doctor runs in a pod
+    (``kubectl debug node/...`` mounts it at ``/host``): host paths are read below it,
+    and ``ctr`` (given ready to run on the host, e.g. through ``chroot``) gets them as
+    they are.
+    """
+    def on_host(path: Path) -> Path:
+        return host_root / path.relative_to("/") if host_root and path.is_absolute() else path
+
     try:
         status = mirror.admin("GET", "status")
     except ClientError as exc:
@@ -195,7 +205,7 @@ def doctor(mirror: Mirror, containerd_config: Path, hosts_dir: Path | None,
     checks = [Check("daemon", True, f"p2pd {status['version']} node {status['node_id']} "
                     f"mirror {status['mirror']}")]
     checks += check_daemon(status)
-    wiring = read_containerd_config(containerd_config)
+    wiring = read_containerd_config(on_host(containerd_config))
     dirs = [hosts_dir] if hosts_dir else wiring.config_path
     for problem in wiring.problems:
         checks.append(Check("containerd config", False, problem,
@@ -211,7 +221,7 @@ def doctor(mirror: Mirror, containerd_config: Path, hosts_dir: Path | None,
         checks.append(Check("containerd config", True, f"{containerd_config}: config_path "
                             + ":".join(map(str, wiring.config_path))))
     wanted = registries or sorted({*status["registries"], status["default_registry"]})
-    checks += check_hosts(dirs, wanted, status["mirror"])
+    checks += check_hosts([on_host(d) for d in dirs], wanted, status["mirror"])
     if image:
         checks.append(prove(mirror, image, dirs[0], ctr))
     return checks

@@ -210,6 +210,9 @@ def test_doctor_passes_on_a_wired_containerd_and_names_what_is_broken(
         assert names["pull through p2pd"] is True
         assert names[f"hosts.toml for {registry.host}"] is True
         assert names["containerd config"] is True and names["cache"] is True
+        # As in a node debug pod (the host at --host-root; here the host is /).
+        code, report = _doctor(daemon, ctd, "--image", ref, "--host-root", "/")
+        assert code == 0 and report["ok"], report
         human = p2pd("doctor", "--mirror", daemon.url, "--containerd-config",
                      str(ctd.workdir / "config.toml"))
         assert human.returncode == 0 and "p2pd is wired into containerd" in human.stdout

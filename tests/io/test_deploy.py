@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 
+from p2pd import __version__
 from p2pd.cli import build_parser
 from p2pd.config import load_run_config
 from p2pd.io.metrics import Metrics
+from p2pd.lab.procs import Proc, free_port, wait_http
 
 ROOT = Path(__file__).parents[2]
 DAEMONSET = ROOT / "deploy" / "daemonset.yaml"
@@ -72,7 +78,7 @@ def test_every_object_is_valid_against_the_kubernetes_schema() -> None:
     for doc in documents:
         kubernetes_validate.validate(doc, KUBERNETES, strict=True)
     broken = copy.deepcopy(documents[-1])
-    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
+    broken["spec"]["template"]["spec"]["containers"][-1]["readinessProbe"]["httpGet"][
         "pathh"] = "/healthz"
     with pytest.raises(kubernetes_validate.ValidationError):  # the check can fail
         kubernetes_validate.validate(broken, KUBERNETES, strict=True)
@@ -86,7 +92,9 @@ def test_the_daemonset_is_what_an_operator_expects() -> None:
     assert pod["hostNetwork"] and pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert pod["serviceAccountName"] == "p2pd"
-    [p2pd] = pod["containers"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"p2pd", "containerd-hosts"}
+    p2pd = containers["p2pd"]
     assert p2pd["securityContext"]["runAsNonRoot"] and p2pd["securityContext"][
         "capabilities"]["drop"] == ["ALL"]
     assert p2pd["resources"]["requests"] and p2pd["resources"]["limits"]
@@ -95,3 +103,63 @@ def test_the_daemonset_is_what_an_operator_expects() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cache"]["hostPath"]["path"] == "/var/lib/p2pd"
     assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    # hosts.toml lives as long as the pod: written at start, removed on deletion.
+    hosts = containers["containerd-hosts"]
+    assert "--hold" in hosts["command"] and "--remove" not in hosts["command"]
+    mount = {m["name"]: m["mountPath"] for m in hosts["volumeMounts"]}["certs-d"]
+    assert hosts["command"][hosts["command"].index("--hosts-dir") + 1] == mount
+    assert volumes["certs-d"]["hostPath"]["path"] == "/etc/containerd/certs.d"
+    assert hosts["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_every_container_command_exists_and_parses() -> None:
+    *_, daemonset = _documents()
+    pod = daemonset["spec"]["template"]["spec"]
+    containerfile = (ROOT / "Containerfile").read_text()
+    images = set()
+    for container in pod["initContainers"] + pod["containers"]:
+        images.add(container["image"])
+        command = container["command"]
+        if command[0] == "p2pd":  # the console script the package installs
+            assert shutil.which("p2pd", path=str(Path(sys.executable).parent))
+            build_parser().parse_args(command[1:])  # exits 2 on an unknown flag
+        else:
+            assert command[0] in {"chown"}, command  # coreutils in the base image
+    assert "python:3.11-slim" in containerfile
+    [image] = images
+    assert image.startswith("ghcr.io/p2pd/p2pd:") and image.endswith(f":{__version__}")
+
+
+def test_the_daemon_starts_with_the_configmap_and_answers_its_probes(tmp_path: Path) -> None:
+    text = DAEMONSET.read_text()
+    block = re.search(r"p2pd\.toml: \|\n((?:    .*\n)+)", text)
+    assert block is not None
+    config = "\n".join(line[4:] for line in block.group(1).splitlines())
+    *_, daemonset = _documents()
+    p2pd = next(c for c in daemonset["spec"]["template"]["spec"]["containers"]
+                if c["name"] == "p2pd")
+    probe = p2pd["readinessProbe"]["httpGet"]
+    assert f'mirror-listen = "{probe["host"]}:{probe["port"]}"' in config
+    # The same config on this machine: free ports, a temporary cache, peers by DNS.
+    mirror, peer = free_port(), free_port()
+    config = config.replace(f'{probe["host"]}:{probe["port"]}', f"127.0.0.1:{mirror}")
+    config = config.replace('"0.0.0.0:7000"', f'"127.0.0.1:{peer}"')
+    config = config.replace("/var/lib/p2pd", str(tmp_path / "cache"))
+    config = re.sub(r'peers = "dns:[^"]*"', f'peers = "dns:localhost:{peer}"', config)
+    (tmp_path / "p2pd.toml").write_text(config)
+    flags = [f.replace("$(POD_IP)", "127.0.0.1").replace("$(NODE_NAME)", "node-7")
+             .replace(":7000", f":{peer}").replace("/etc/p2pd/p2pd.toml",
+                                                   str(tmp_path / "p2pd.toml"))
+             for f in p2pd["command"][1:]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PD_")}
+    proc = Proc.start([sys.executable, "-m", "p2pd", *flags], tmp_path / "p2pd.log", env=env)
+    try:
+        url = f"http://127.0.0.1:{mirror}"
+        for kind in ("readinessProbe", "livenessProbe"):
+            wait_http(url + p2pd[kind]["httpGet"]["path"], timeout=20, ok=(200,), proc=proc)
+        assert "p2pd_cache_bytes" in httpx.get(url + "/metrics").text
+        status = httpx.get(url + "/_p2pd/status").json()
+        assert status["node_id"] == "node-7" and status["peer_addr"] == f"127.0.0.1:{peer}"
+        assert status["cache"]["writable"]
+    finally:
+        proc.stop()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -153,3 +155,35 @@ def test_rendered_text_is_valid_toml(registry: str, server: str | None) -> None:
     assert_mirror(doc, "https://m.example:5001")
     if server is not None:
         assert doc["server"] == server
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_hold_keeps_the_files_for_the_life_of_the_process(tmp_path: Path, sig: int) -> None:
+    foreign = tmp_path / "ghcr.io" / "hosts.toml"
+    foreign.parent.mkdir()
+    foreign.write_text(FOREIGN)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PD_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2pd", "containerd-config", "--hosts-dir", str(tmp_path),
+         "--registry", "docker.io", "--registry", "_default", "--hold"],
+        stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("wrote ") for line in lines), lines
+        time.sleep(0.3)
+        assert proc.poll() is None  # still holding
+        assert_mirror(hosts_toml(tmp_path, "docker.io"))
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "removed" in out and not (tmp_path / "docker.io").exists()
+    assert not (tmp_path / "_default").exists()
+    assert foreign.read_text() == FOREIGN  # never touched
+
+
+def test_hold_and_remove_do_not_go_together(tmp_path: Path) -> None:
+    result = containerd_config(tmp_path, "--registry", "docker.io", "--hold", "--remove")
+    assert result.returncode == 2 and "--hold" in result.stderr
