@@ -196,9 +196,9 @@ def _client_arguments(parser: argparse.ArgumentParser, *, image: bool) -> None:
                             help="image reference, e.g. docker.io/library/alpine:3.20 or "
                             "registry.example:5000/team/app@sha256:...")
         parser.add_argument("--auth-file", type=Path, metavar="FILE",
-                            help="registry credentials in docker config.json format "
-                            "(default $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json or "
-                            "~/.docker/config.json)")
+                            help="registry credentials in docker config.json format, - "
+                            "for standard input (default $REGISTRY_AUTH_FILE, "
+                            "$DOCKER_CONFIG/config.json or ~/.docker/config.json)")
 
 
 def build_parser() -> argparse.ArgumentParser:

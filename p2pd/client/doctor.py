@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from p2pd.client.oci import ClientError, Mirror
+from p2pd.client.progress import human_size
 from p2pd.core.names import parse_reference
 
 CRI_V2 = "io.containerd.grpc.v1.cri"  # containerd 1.x (config version 2)
@@ -131,8 +132,8 @@ def check_daemon(status: dict[str, Any]) -> list[Check]:
     """The daemon's own view: cache writable, peers reachable."""
     cache = status["cache"]
     checks = [Check("cache", bool(cache["writable"]),
-                    f"{cache['dir']}: {cache['blobs']} blobs, {cache['used_bytes']} of "
-                    f"{cache['limit_bytes']} bytes" + (f"; {cache['error']}"
+                    f"{cache['dir']}: {cache['blobs']} blobs, {human_size(cache['used_bytes'])} "
+                    f"of {human_size(cache['limit_bytes'])}" + (f"; {cache['error']}"
                                                       if cache["error"] else ""),
                     "" if cache["writable"] else
                     f"make {cache['dir']} writable by the daemon's user (in the DaemonSet "

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,8 +44,11 @@ class ClientError(P2PError):
 
 
 def auth_file(explicit: Path | None) -> Path | None:
-    """The docker ``config.json`` to read: ``explicit``, ``$REGISTRY_AUTH_FILE``,
-    ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, the first that exists."""
+    """The docker ``config.json`` to read: ``explicit`` (``-`` for standard input),
+    ``$REGISTRY_AUTH_FILE``, ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``,
+    the first that exists."""
+    if explicit == Path("-"):
+        return explicit
     if explicit is not None:
         if not explicit.is_file():
             raise ClientError(f"auth file {explicit} does not exist")
@@ -64,7 +68,7 @@ def credentials(path: Path | None, registry: str) -> tuple[str, str] | None:
     if path is None:
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(sys.stdin.read() if path == Path("-") else path.read_text())
     except (OSError, ValueError) as exc:
         raise ClientError(f"cannot read auth file {path}: {exc}") from exc
     auths = doc.get("auths") if isinstance(doc, dict) else None

@@ -44,11 +44,11 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         f"{size(totals['upstream'])}; registry egress saved {size(totals['egress_saved'])}")
     recent = status["recent"][:RECENT_SHOWN]
     if recent:
-        lines.append("recent     when      blob                 size        cache       "
+        lines.append("recent     when        blob                 size        cache       "
                      "peers       upstream    repository")
         for r in recent:
             lines.append(
-                f"           {_ago(now - r['at']):>8}  {r['digest'][:19]}  "
+                f"           {_ago(now - r['at']):>10}  {r['digest'][:19]}  "
                 f"{size(r['sent']):>10}  {size(r['cache']):>10}  {size(r['peers']):>10}  "
                 f"{size(r['upstream']):>10}  {r['registry']}/{r['name']}")
     return "\n".join(lines)

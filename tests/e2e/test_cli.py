@@ -107,6 +107,12 @@ def test_pull_of_a_private_image_uses_docker_credentials(
                            str(auth_file(*AUTH)), "--output", str(tmp_path / "out")))
         assert doc["bytes"] == image.blob_bytes
         assert doc["from"]["upstream"] == image.blob_bytes
+        # The credentials on standard input (kubectl exec -i ... --auth-file - < file).
+        piped = subprocess.run(
+            [sys.executable, "-m", "p2pd", "pull", "--mirror", daemon.url, ref, "--json",
+             "--auth-file", "-"], input=auth_file(*AUTH).read_text(), capture_output=True,
+            text=True, timeout=120)
+        assert json.loads(piped.stdout)["from"]["cache"] == image.blob_bytes, piped.stderr
 
 
 def test_preheat_puts_each_blob_on_k_nodes_and_a_later_ctr_pull_takes_it_from_peers(
