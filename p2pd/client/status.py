@@ -22,6 +22,11 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         f"{size(cache['limit_bytes'])}" + ("" if cache["writable"] else
                                            f"  NOT WRITABLE: {cache['error']}"),
     ]
+    for blob in cache["largest"][:5]:
+        lines.append(f"             {blob['digest'][:19]}  {size(blob['size']):>10}")
+    if cache["blobs"] > 5:
+        lines.append(f"             ... {cache['blobs'] - 5} more (--json lists the largest "
+                     f"{len(cache['largest'])})")
     members = status["members"]
     others = [m for m in members if not m["self"]]
     counts = {state: sum(1 for m in others if m["state"] == state)
@@ -44,8 +49,8 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         f"{size(totals['upstream'])}; registry egress saved {size(totals['egress_saved'])}")
     recent = status["recent"][:RECENT_SHOWN]
     if recent:
-        lines.append("recent     when        blob                 size        cache       "
-                     "peers       upstream    repository")
+        lines.append(f"recent     {'when':>10}  {'blob':<19}  {'sent':>10}  {'cache':>10}  "
+                     f"{'peers':>10}  {'upstream':>10}  repository")
         for r in recent:
             lines.append(
                 f"           {_ago(now - r['at']):>10}  {r['digest'][:19]}  "

@@ -37,6 +37,8 @@ from p2pd.io.swarm import Swarm
 
 JSON = ("Content-Type", "application/json")
 MAX_REPLICAS = 64
+LISTED = 200
+"""Cached blobs listed by ``/_p2pd/status`` (the largest)."""
 
 
 class BadParameter(Exception):
@@ -99,6 +101,8 @@ class Admin:
                 "blobs": len(self.blobs.tables),
                 "writable": writable is None,
                 "error": writable,
+                "largest": [{"digest": str(t.digest), "size": t.size} for t in sorted(
+                    self.blobs.tables.values(), key=lambda t: -t.size)[:LISTED]],
             },
             "downloads": [
                 {"digest": str(dl.digest), "size": dl.layout.size,

@@ -74,6 +74,8 @@ def test_pull_writes_a_verified_layout_and_status_says_where_bytes_came_from(
 
         status = as_json(p2pd("status", "--mirror", second.url, "--json"))
         assert status["cache"]["blobs"] == len(image.blobs) and status["cache"]["writable"]
+        assert [b["digest"] for b in status["cache"]["largest"]] == \
+            [b.digest for b in sorted(image.blobs, key=lambda b: -b.size)]
         assert [m["state"] for m in status["members"] if not m["self"]] == ["alive"]
         assert status["totals"]["sent"] == 2 * image.blob_bytes
         assert status["totals"]["egress_saved"] >= 2 * image.blob_bytes - 0.05 * image.layer_bytes
