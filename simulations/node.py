@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -218,30 +218,50 @@ class SimNode:
 
     def on_request(self, asker: SimNode, digest: str, index: int) -> None:
         """A piece request has arrived from ``asker``."""
+        self.on_requests(asker, digest, (index,))
+
+    def on_requests(self, asker: SimNode, digest: str, indices: Sequence[int]) -> None:
+        """Piece requests sent together by ``asker`` have arrived, in this order.
+
+        One event for the requests a turn of the asker's loop sent this holder, and one
+        for the refusals answered at once: the same calls in the same order as one event
+        per message (they would all be due at the same instant, one after the other)."""
         if self.crashed:  # connection refused: the asker finds this daemon gone
             self._reply(asker, lambda: asker.downloads[digest].gone(self.name),
                         CONNECT_REFUSED)
             return
-        if not self.held.get(digest, 0) >> index & 1:
-            self._reply(asker, lambda: asker.downloads[digest].refused(self.name, index, False))
-        elif self.uploading < self.limits.max_uploads:
-            self._upload(asker, digest, index)
-        else:
-            # Wait FIFO for a slot, for up to BUSY_AFTER, if fewer than MAX_WAITING wait
-            # already (else refused at once). The busy refusal is sent now to arrive when
-            # the daemon's would (BUSY_AFTER plus one latency), and cancelled if a slot
-            # frees first: one event per refusal instead of two. Waits are equally long,
-            # so expired entries are at the front of the queue.
-            queue, now = self._queue, self.engine.now
-            while queue and queue[0][3] <= now:
-                queue.popleft()
-            refuse = lambda: asker.downloads[digest].refused(self.name, index, True)  # noqa: E731
-            if len(queue) >= self.limits.max_waiting:
-                self._reply(asker, refuse)
-                return
-            delay = BUSY_AFTER + self.network.latency(self.host, asker.host)
-            refusal = self.engine.schedule(delay, refuse)
-            queue.append((asker, digest, index, now + BUSY_AFTER, refusal))
+        refusals: list[tuple[int, bool]] = []
+        held, queue, now = self.held.get(digest, 0), self._queue, self.engine.now
+        for index in indices:
+            if not held >> index & 1:
+                refusals.append((index, False))
+            elif self.uploading < self.limits.max_uploads:
+                self._upload(asker, digest, index)
+            else:
+                # Wait FIFO for a slot, for up to BUSY_AFTER, if fewer than MAX_WAITING
+                # wait already (else refused at once). The busy refusal is sent now to
+                # arrive when the daemon's would (BUSY_AFTER plus one latency), and
+                # cancelled if a slot frees first: one event per refusal instead of two.
+                # Waits are equally long, so expired entries are at the front.
+                while queue and queue[0][3] <= now:
+                    queue.popleft()
+                if len(queue) >= self.limits.max_waiting:
+                    refusals.append((index, True))
+                    continue
+                delay = BUSY_AFTER + self.network.latency(self.host, asker.host)
+                refusal = self.engine.schedule(
+                    delay, partial(self._refuse, asker, digest, ((index, True),)))
+                queue.append((asker, digest, index, now + BUSY_AFTER, refusal))
+        if refusals:
+            self._reply(asker, partial(self._refuse, asker, digest, refusals))
+
+    def _refuse(self, asker: SimNode, digest: str,
+                refusals: Sequence[tuple[int, bool]]) -> None:
+        if asker.crashed:
+            return
+        download = asker.downloads[digest]
+        for index, busy in refusals:
+            download.refused(self.name, index, busy)
 
     def _reply(self, asker: SimNode, deliver: Callable[[], None], extra: float = 0.0) -> None:
         def arrive() -> None:
@@ -379,13 +399,16 @@ class BlobDownload:
             self.upstream = range(self.layout.count)
             sched.set_upstream_range(0, self.layout.count)
         sched.tick(now)
+        asks: dict[str, list[int]] = {}  # one message per holder, in order
         for action in sched.next_actions(now):
             if isinstance(action, RequestPiece):
-                self._request(action.peer_id, action.index)
+                asks.setdefault(action.peer_id, []).append(action.index)
             elif isinstance(action, FetchUpstream):
                 self._fetch_upstream(action.indices)
             elif isinstance(action, CancelRequest):
                 self.cancels_ignored += 1
+        for peer_id, indices in asks.items():
+            self._request(peer_id, indices)
         if sched.done:
             self._complete()
             return
@@ -502,11 +525,11 @@ class BlobDownload:
 
     # -- pieces -------------------------------------------------------------------------
 
-    def _request(self, peer_id: str, index: int) -> None:
+    def _request(self, peer_id: str, indices: list[int]) -> None:
         holder = self.node.cluster.nodes[peer_id]
         delay = self.node.network.latency(self.node.host, holder.host)
-        digest = self.blob.digest
-        self.engine.schedule(delay, lambda: holder.on_request(self.node, digest, index))
+        self.engine.schedule(delay, partial(holder.on_requests, self.node, self.blob.digest,
+                                            indices))
 
     def from_peer(self, peer_id: str, index: int) -> None:
         """Piece ``index`` arrived from ``peer_id`` (it always verifies here)."""
