@@ -6,6 +6,9 @@ scheduled and a seed plus the same calls always gives the same run. :meth:`Engin
 pops the earliest timer, moves the clock to its time and calls it. Cancelling a timer
 only marks it (lazy deletion): the heap skips it when it comes up, which keeps
 ``cancel`` O(1) for the network model, which reschedules flow finish times constantly.
+Callbacks due now (a zero delay: the nodes' "run my loop at this instant", the network's
+batched recomputation) skip the heap: they wait in a FIFO and run in the same
+``(time, seq)`` order the heap would give them, without its ``log n`` push and pop.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +55,7 @@ class Engine:
         self.now = 0.0
         self.rng = random.Random(seed)
         self._heap: list[tuple[float, int, Timer]] = []
+        self._due: deque[tuple[int, Timer]] = deque()  # (seq, timer), all due at ``now``
         self._seq = 0
         self._events = 0
         self._cancelled = 0
@@ -64,11 +69,15 @@ class Engine:
 
     def schedule_at(self, time: float, callback: Callback) -> Timer:
         """Run ``callback`` at virtual ``time`` (not before now)."""
-        if not time >= self.now:
-            raise ValueError(f"cannot schedule at {time!r}, before now ({self.now})")
+        now = self.now
+        if not time >= now:
+            raise ValueError(f"cannot schedule at {time!r}, before now ({now})")
         timer = Timer(time, callback)
         seq = self._seq = self._seq + 1
-        heapq.heappush(self._heap, (time, seq, timer))
+        if time == now:
+            self._due.append((seq, timer))
+        else:
+            heapq.heappush(self._heap, (time, seq, timer))
         return timer
 
     def child_rng(self) -> random.Random:
@@ -78,17 +87,23 @@ class Engine:
     def run(self, until: float | None = None) -> float:
         """Run events in time order until none are left, the next is after ``until`` or
         :meth:`stop` is called; returns the clock (``until`` if it stopped there)."""
-        heap, self._stopped = self._heap, False
-        pop, limit = heapq.heappop, math.inf if until is None else until
-        while heap and not self._stopped:
-            if heap[0][0] > limit:
-                self.now = limit
-                return limit
-            time, _, timer = pop(heap)
+        heap, due, self._stopped = self._heap, self._due, False
+        pop, popleft = heapq.heappop, due.popleft
+        limit = math.inf if until is None else until
+        while not self._stopped:
+            if due and not (heap and heap[0][0] == self.now and heap[0][1] < due[0][0]):
+                timer = popleft()[1]
+            elif heap:
+                if heap[0][0] > limit:
+                    self.now = limit
+                    return limit
+                time, _, timer = pop(heap)
+                self.now = time
+            else:
+                break
             if timer.cancelled:
                 self._cancelled += 1
                 continue
-            self.now = time
             self._events += 1
             timer.callback()
         if until is not None and not self._stopped:
@@ -101,4 +116,5 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         """Counts of events so far."""
-        return EngineStatistics(self._events, self._cancelled, len(self._heap), self.now)
+        return EngineStatistics(self._events, self._cancelled,
+                                len(self._heap) + len(self._due), self.now)
