@@ -374,7 +374,11 @@ class BlobService:
     async def replicate(self, digest_text: str, size: int) -> str:
         """Bring a whole blob into the cache from peers, for a preheat another node asked
         for; the ``REPLICATED_*`` reason once it is held or given up on."""
-        digest = Digest.parse(digest_text)
+        reason = await self._replicate(Digest.parse(digest_text), size)
+        self.metrics.replications.labels(reason).inc()
+        return reason
+
+    async def _replicate(self, digest: Digest, size: int) -> str:
         table = self.tables.get(digest)
         if table is not None and table.size == size:
             self.touch(digest)

@@ -90,6 +90,9 @@ class Metrics:
         self.lease_takeovers = Gauge(
             "p2pd_lease_takeovers", "Leases granted over pieces whose previous fetcher went "
             "quiet (since start)", registry=r)
+        self.replications = Counter(
+            "p2pd_replications", "Preheat replicas this node was asked to hold, by outcome "
+            "(held, fetched, failed, unsupported)", ["reason"], registry=r)
         self.blob_duration = Histogram(
             "p2pd_blob_serve_seconds", "Time to serve a blob GET to a client", ["source"],
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),

@@ -137,6 +137,8 @@ def test_preheat_puts_each_blob_on_k_nodes_and_a_later_ctr_pull_takes_it_from_pe
         for node in nodes[1:]:
             status = as_json(p2pd("status", "--mirror", node.url, "--json"))
             assert status["cache"]["blobs"] == len(placed.get(node.peer_addr, ())), status
+        assert sum(n.metric("p2pd_replications_total", reason="fetched") for n in nodes) == \
+            sum(1 for p in doc["placements"] if p["reason"] == "fetched") > 0
         # One copy left the registry, for the seed; the replicas came from peers.
         assert sum(n.metric("p2pd_blob_bytes_fetched_total", source="upstream")
                    for n in nodes) == image.blob_bytes
@@ -178,6 +180,7 @@ def test_preheat_and_admin_endpoints_refuse_bad_input(
             "digest": image.config.digest, "size": image.config.size, "to": other.peer_addr},
             timeout=60)
         assert resp.status_code == 200 and resp.json()["reason"] == "failed"
+        assert other.metric("p2pd_replications_total", reason="failed") == 1
         assert other.metric("p2pd_blob_bytes_fetched_total", source="upstream") == 0
         assert httpx.get(f"{node.url}/healthz").status_code == 200
         assert p2pd("preheat", "--mirror", node.url, ref, "--replicas", "2").returncode == 0
