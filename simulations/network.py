@@ -78,8 +78,8 @@ class Host:
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("done", "dst", "finish", "on_done", "rate", "remaining", "since", "size",
-                 "src", "tag", "timer")
+    __slots__ = ("done", "dst", "finish", "on_done", "on_sent", "rate", "remaining", "since",
+                 "size", "src", "tag", "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -90,6 +90,7 @@ class Flow:
         self.timer: Timer | None = None
         self.done = False
         self.finish: Callable[[], None] = on_done  # the network's finish timer callback
+        self.on_sent: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,15 +138,17 @@ class Network:
         return 0.0 if src is dst else src.latency + dst.latency
 
     def transfer(self, src: Host, dst: Host, size: int, on_done: Callable[[], None], *,
-                 tag: str) -> Flow:
+                 tag: str, on_sent: Callable[[], None] | None = None) -> Flow:
         """Start moving ``size`` bytes now; ``on_done`` runs when the last byte has
-        arrived (finish time plus the one-way latency). ``tag`` labels the bytes."""
+        arrived (finish time plus the one-way latency), ``on_sent`` when it has left (the
+        finish time). ``tag`` labels the bytes."""
         if size <= 0:
             raise ValueError("a flow moves at least one byte")
         if math.isinf(src.up.capacity) and math.isinf(dst.down.capacity):
             raise ValueError("a flow needs a finite uplink or downlink")
         flow = Flow(src, dst, size, tag, on_done, self.engine.now)
         flow.finish = partial(self._finish, flow)
+        flow.on_sent = on_sent
         self._flows[flow] = None
         src.up.flows[flow] = None
         dst.down.flows[flow] = None
@@ -209,6 +212,8 @@ class Network:
         self._bytes[flow.tag] += flow.size
         self._counts[1] += 1
         self._remove(flow)
+        if flow.on_sent is not None:
+            flow.on_sent()
         delay = self.latency(flow.src, flow.dst)
         if delay:
             self.engine.schedule(delay, flow.on_done)

@@ -28,8 +28,9 @@ Simplifications (each a deliberate difference from the daemon):
 - A holder known to be complete is fed with ``complete=True`` (the same mask as listing
   every piece, without building it).
 - ``CancelRequest`` is ignored, as ``_Fetch.run`` ignores it: endgame duplicates run on.
-- An upload slot is freed when the receiver has the piece (one latency late), and the
-  pieces of an upstream run follow each other with one latency between them.
+- An upload slot is freed when the piece's last byte has left (the receiver has it one
+  latency later), and the pieces of an upstream run follow each other with one latency
+  between them.
 - Lookup answers are fed incrementally: a holder whose bits only grew since it was last
   fed gets ``peer_has`` of the new pieces instead of ``peer_update`` of all of them (the
   scheduler ends in the same state; ``_fed`` tracks what the scheduler believes).
@@ -137,7 +138,9 @@ class SimNode:
         self.downloads: dict[str, BlobDownload] = {}
         self.held: dict[str, int] = {}  # digest -> bitfield of held pieces
         self.uploading = 0
-        self._queue: deque[tuple[SimNode, str, int, float, Timer]] = deque()
+        # requests waiting for an upload slot: (asker, digest, index, refused at)
+        self._queue: deque[tuple[SimNode, str, int, float]] = deque()
+        self._expiry: Timer | None = None  # refuses the queue's front when it is due
         self._uploads: dict[Flow, tuple[SimNode, str]] = {}
         self._waiting: deque[BlobSpec] = deque()  # layers containerd has not asked for yet
         self._active: list[BlobDownload] = []
@@ -239,21 +242,31 @@ class SimNode:
                 self._upload(asker, digest, index)
             else:
                 # Wait FIFO for a slot, for up to BUSY_AFTER, if fewer than MAX_WAITING
-                # wait already (else refused at once). The busy refusal is sent now to
-                # arrive when the daemon's would (BUSY_AFTER plus one latency), and
-                # cancelled if a slot frees first: one event per refusal instead of two.
-                # Waits are equally long, so expired entries are at the front.
-                while queue and queue[0][3] <= now:
-                    queue.popleft()
+                # wait already (else refused at once). Waits are equally long, so the
+                # front of the queue is due first: one timer per holder refuses it when
+                # it is due (and re-arms for the next), not one per waiting request.
+                self._refuse_due(now)
                 if len(queue) >= self.limits.max_waiting:
                     refusals.append((index, True))
                     continue
-                delay = BUSY_AFTER + self.network.latency(self.host, asker.host)
-                refusal = self.engine.schedule(
-                    delay, partial(self._refuse, asker, digest, ((index, True),)))
-                queue.append((asker, digest, index, now + BUSY_AFTER, refusal))
+                queue.append((asker, digest, index, now + BUSY_AFTER))
+                if self._expiry is None:
+                    self._expiry = self.engine.schedule(BUSY_AFTER, self._expire)
         if refusals:
             self._reply(asker, partial(self._refuse, asker, digest, refusals))
+
+    def _refuse_due(self, now: float) -> None:
+        """Refuse as busy the waiting requests that have waited ``BUSY_AFTER``."""
+        queue = self._queue
+        while queue and queue[0][3] <= now:
+            asker, digest, index, _ = queue.popleft()
+            self._reply(asker, partial(self._refuse, asker, digest, ((index, True),)))
+
+    def _expire(self) -> None:
+        self._expiry = None
+        self._refuse_due(self.engine.now)
+        if self._queue:
+            self._expiry = self.engine.schedule_at(self._queue[0][3], self._expire)
 
     def _refuse(self, asker: SimNode, digest: str,
                 refusals: Sequence[tuple[int, bool]]) -> None:
@@ -274,25 +287,26 @@ class SimNode:
         self.uploading += 1
         length = asker.downloads[digest].layout.length(index)
 
-        def done() -> None:
+        def sent() -> None:
             del self._uploads[flow]
             self._slot_freed()
+
+        def done() -> None:
             if not asker.crashed:
                 asker.downloads[digest].from_peer(self.name, index)
 
-        flow = self.network.transfer(self.host, asker.host, length, done, tag="peer")
+        flow = self.network.transfer(self.host, asker.host, length, done, tag="peer",
+                                     on_sent=sent)
         self._uploads[flow] = (asker, digest)
 
     def _slot_freed(self) -> None:
         self.uploading -= 1
-        queue, now = self._queue, self.engine.now
+        queue = self._queue
+        self._refuse_due(self.engine.now)
         while queue:
-            next_asker, next_digest, next_index, deadline, refusal = queue.popleft()
-            if deadline <= now:
-                continue  # refused already: its answer is on the way
-            refusal.cancel()
-            if not next_asker.crashed:
-                self._upload(next_asker, next_digest, next_index)
+            asker, digest, index, _ = queue.popleft()
+            if not asker.crashed:
+                self._upload(asker, digest, index)
                 break
 
     # -- failures -----------------------------------------------------------------------
@@ -311,8 +325,8 @@ class SimNode:
             network.cancel(flow)
             if uploader is not None and uploader._uploads.pop(flow, None) is not None:
                 uploader._slot_freed()
-        for entry in self._queue:
-            entry[4].cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         self._queue.clear()
         for download in self._active:
             download.stop()
