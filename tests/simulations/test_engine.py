@@ -62,3 +62,25 @@ def test_same_seed_same_random_streams() -> None:
     a, b = Engine(seed=7), Engine(seed=7)
     assert [a.child_rng().random() for _ in range(3)] == [b.child_rng().random() for _ in range(3)]
     assert Engine(seed=8).child_rng().random() != Engine(seed=7).child_rng().random()
+
+
+def test_callbacks_due_now_keep_the_heaps_order() -> None:
+    # A zero delay skips the heap, yet runs after what was scheduled earlier for the same
+    # instant (with a delay) and before what is scheduled after it.
+    engine = Engine(seed=1)
+    seen: list[str] = []
+
+    def at_one() -> None:
+        seen.append("a")
+        engine.schedule(0.0, lambda: seen.append("c"))
+        engine.schedule(0.0, lambda: engine.schedule(0.0, lambda: seen.append("e")))
+        engine.schedule_at(1.0, lambda: seen.append("d"))
+
+    engine.schedule(1.0, at_one)
+    engine.schedule(1.0, lambda: seen.append("b"))
+    engine.schedule(0.0, lambda: seen.append("0"))
+    cancelled = engine.schedule(0.0, lambda: seen.append("never"))
+    cancelled.cancel()
+    assert engine.run() == 1.0
+    assert seen == ["0", "a", "b", "c", "d", "e"]
+    assert engine.statistics().cancelled == 1

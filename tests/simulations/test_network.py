@@ -116,3 +116,14 @@ def test_a_flow_that_slows_down_finishes_on_time(exact: bool) -> None:
                                               tag="a"))
     engine.run()
     assert done["b"] == pytest.approx(1.5) and done["c"] == pytest.approx(2.0)
+
+
+def test_on_sent_runs_when_the_last_byte_leaves_on_done_when_it_arrives() -> None:
+    net = Network(Engine(seed=1))
+    a = net.add_host("a", up=10 * MB, latency=0.01)
+    b = net.add_host("b", up=1, down=100 * MB, latency=0.02)
+    seen: list[tuple[str, float]] = []
+    net.transfer(a, b, 10 * MB, lambda: seen.append(("done", net.engine.now)), tag="x",
+                 on_sent=lambda: seen.append(("sent", net.engine.now)))
+    net.engine.run()
+    assert seen == [("sent", pytest.approx(1.0)), ("done", pytest.approx(1.03))]

@@ -55,3 +55,16 @@ def test_beyond_max_waiting_a_request_is_refused_at_once() -> None:
     latency = cluster.network.latency(holder.host, asker.host)
     assert [when for _, when, _ in seen] == [pytest.approx(latency)] + [
         pytest.approx(BUSY_AFTER + latency)] * MAX_WAITING
+
+
+def test_each_waiting_request_is_refused_when_its_own_wait_is_over() -> None:
+    cluster, holder, asker, seen = _pair()
+    digest = SCENARIO.blobs()[0].digest
+    holder.uploading = MAX_UPLOADS  # every slot taken, none frees
+    for at in (0.0, 0.3, 0.6):
+        cluster.engine.schedule(at, lambda: holder.on_request(asker, digest, 1))
+    cluster.engine.run()
+    latency = cluster.network.latency(holder.host, asker.host)
+    assert [when for _, when, _ in seen] == [
+        pytest.approx(at + BUSY_AFTER + latency) for at in (0.0, 0.3, 0.6)]
+    assert not holder._queue and holder._expiry is None
