@@ -354,11 +354,10 @@ class BlobDownload:
         self._soon: Timer | None = None  # a turn at this instant (poked)
         self.cancels_ignored = 0
         self.completed = False
-        # What each peer was last fed with, and the scheduler's timeout count then:
-        # feeding the same bits again is a no-op unless a refusal or a timeout has made
-        # the scheduler forget pieces since, so it is skipped (lookups are the hot path).
+        # What each peer was last fed with: feeding the same bits again is a no-op unless
+        # a refusal or a timeout has made the scheduler forget pieces since (refusals
+        # edit this, timeouts clear it), so it is skipped (lookups are the hot path).
         self._fed: dict[str, int] = {}
-        self._fed_timeouts = 0
 
     @property
     def coordinator(self) -> SimNode:
@@ -412,7 +411,10 @@ class BlobDownload:
         if now - self.last_progress > STUCK_AFTER and not sched.in_flight:
             self.upstream = range(self.layout.count)
             sched.set_upstream_range(0, self.layout.count)
+        in_flight = sched.in_flight
         sched.tick(now)
+        if sched.in_flight < in_flight:  # requests timed out: their pieces were forgotten
+            self._fed = {}
         asks: dict[str, list[int]] = {}  # one message per holder, in order
         for action in sched.next_actions(now):
             if isinstance(action, RequestPiece):
@@ -461,9 +463,6 @@ class BlobDownload:
         if self.completed:
             return
         now = self.engine.now
-        timeouts = self.sched.statistics().timeouts
-        if timeouts != self._fed_timeouts:
-            self._fed_timeouts, self._fed = timeouts, {}
         fed, sched, me = self._fed, self.sched, self.node.name
         for holder in answer.holders:
             peer_id, bits = holder.node_id, holder.bits
