@@ -278,9 +278,9 @@ class Cluster:
     def run(self, until: float | None = None) -> Result:
         """Start the rollout and run until every live node is done and no flow is left."""
         began = time.perf_counter()
+        self.engine.schedule(0.0, self.rollout.begin)  # first, and inside the engine's run
         for name in self.victims:
             self.engine.schedule(self.scenario.fail_at, partial(self._crash, name))
-        self.rollout.begin()
         self.engine.run(until)
         live = [n for n in self.nodes.values() if not n.crashed]
         missing = [n.name for n in live if n.done_at is None]

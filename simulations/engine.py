@@ -9,10 +9,17 @@ only marks it (lazy deletion): the heap skips it when it comes up, which keeps
 Callbacks due now (a zero delay: the nodes' "run my loop at this instant", the network's
 batched recomputation) skip the heap: they wait in a FIFO and run in the same
 ``(time, seq)`` order the heap would give them, without its ``log n`` push and pop.
+
+The cyclic garbage collector is off while :meth:`Engine.run` runs: a large run holds
+millions of long-lived objects (schedulers, flows, timers) and allocates millions of
+short-lived ones, and each full collection rescans them all — half the wall time at
+10,000 nodes. The simulation leaves no reference cycles behind (flows drop their
+callbacks when they end; a test checks a whole run), so reference counting frees it all.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import random
@@ -87,6 +94,15 @@ class Engine:
     def run(self, until: float | None = None) -> float:
         """Run events in time order until none are left, the next is after ``until`` or
         :meth:`stop` is called; returns the clock (``until`` if it stopped there)."""
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(until)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self, until: float | None) -> float:
         heap, due, self._stopped = self._heap, self._due, False
         pop, popleft = heapq.heappop, due.popleft
         limit = math.inf if until is None else until

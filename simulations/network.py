@@ -47,6 +47,10 @@ _EPSILON = 1e-9  # relative: rates this close are taken as unchanged
 _LEFTOVER = 1e-9  # relative: a flow with less than this left at its timer is done
 
 
+def _nothing() -> None:
+    pass
+
+
 class Resource:
     """One direction of a host's access link: a capacity and the flows through it."""
 
@@ -187,6 +191,10 @@ class Network:
             self._sent[flow.src.up] += flow.size - max(0.0, flow.remaining)
         if flow.timer is not None:
             flow.timer.cancel()
+        # An ended flow lets go of its callbacks: they refer back to it (the finish timer,
+        # the caller's closures), and without these cycles reference counting frees it
+        # at once (the engine runs with the cyclic garbage collector off).
+        flow.timer, flow.finish, flow.on_done, flow.on_sent = None, _nothing, _nothing, None
         del self._flows[flow]
         for resource in (flow.src.up, flow.dst.down):
             del resource.flows[flow]
@@ -211,14 +219,15 @@ class Network:
                 return
         self._bytes[flow.tag] += flow.size
         self._counts[1] += 1
+        on_sent, on_done = flow.on_sent, flow.on_done
         self._remove(flow)
-        if flow.on_sent is not None:
-            flow.on_sent()
+        if on_sent is not None:
+            on_sent()
         delay = self.latency(flow.src, flow.dst)
         if delay:
-            self.engine.schedule(delay, flow.on_done)
+            self.engine.schedule(delay, on_done)
         else:
-            flow.on_done()
+            on_done()
 
     def _recompute(self) -> None:
         self._reflow = None
