@@ -17,6 +17,11 @@ one flow per piece. Arrivals feed ``piece_received`` / ``upstream_received`` /
 Holders serve at most :data:`MAX_UPLOADS` requests at once; up to :data:`MAX_WAITING`
 more wait for a slot and are refused as busy after :data:`BUSY_AFTER`, any beyond are
 refused at once, like ``p2pd/io/peer.py``; the asker's scheduler rests that peer.
+The requests one turn of the loop sends to one holder travel as one event, and so do
+the refusals a holder answers them with at once: the same calls in the same order as
+one event per message, which would all fall due at the same instant (the cost of a
+large run is mostly these refusals). Waiting requests are refused by one timer per
+holder, armed for the front of its queue.
 
 Simplifications (each a deliberate difference from the daemon):
 
@@ -28,9 +33,9 @@ Simplifications (each a deliberate difference from the daemon):
 - A holder known to be complete is fed with ``complete=True`` (the same mask as listing
   every piece, without building it).
 - ``CancelRequest`` is ignored, as ``_Fetch.run`` ignores it: endgame duplicates run on.
-- An upload slot is freed when the piece's last byte has left (the receiver has it one
-  latency later), and the pieces of an upstream run follow each other with one latency
-  between them.
+- The pieces of an upstream run follow each other with one latency between them. (An
+  upload slot is freed when the piece's last byte has left, as the daemon releases it
+  when its send returns; the receiver has the piece one latency later.)
 - Lookup answers are fed incrementally: a holder whose bits only grew since it was last
   fed gets ``peer_has`` of the new pieces instead of ``peer_update`` of all of them (the
   scheduler ends in the same state; ``_fed`` tracks what the scheduler believes).
