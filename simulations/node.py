@@ -18,10 +18,12 @@ Holders serve at most :data:`MAX_UPLOADS` requests at once; up to :data:`MAX_WAI
 more wait for a slot and are refused as busy after :data:`BUSY_AFTER`, any beyond are
 refused at once, like ``p2pd/io/peer.py``; the asker's scheduler rests that peer.
 The requests one turn of the loop sends to one holder travel as one event, and so do
-the refusals a holder answers them with at once: the same calls in the same order as
-one event per message, which would all fall due at the same instant (the cost of a
-large run is mostly these refusals). Waiting requests are refused by one timer per
-holder, armed for the front of its queue.
+the refusals a holder answers them with at once: the same calls as one event per
+message, which would all fall due at the same instant (the cost of a large run is
+mostly these refusals). Only in the endgame, where a turn may ask a holder, then
+another, then the first again, do the first holder's requests arrive together before
+the second's. Waiting requests are refused by one timer per holder, armed for the
+front of its queue.
 
 Simplifications (each a deliberate difference from the daemon):
 
@@ -232,8 +234,8 @@ class SimNode:
         """Piece requests sent together by ``asker`` have arrived, in this order.
 
         One event for the requests a turn of the asker's loop sent this holder, and one
-        for the refusals answered at once: the same calls in the same order as one event
-        per message (they would all be due at the same instant, one after the other)."""
+        for the refusals answered at once: the same calls as one event per message
+        (they would all be due at the same instant, one after the other)."""
         if self.crashed:  # connection refused: the asker finds this daemon gone
             self._reply(asker, lambda: asker.downloads[digest].gone(self.name),
                         CONNECT_REFUSED)
