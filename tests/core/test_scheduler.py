@@ -25,6 +25,7 @@ from p2pd.core.scheduler import (
     FetchUpstream,
     RequestPiece,
     Scheduler,
+    endgame_size,
 )
 
 
@@ -240,7 +241,7 @@ def test_a_lost_peers_requests_are_requeued() -> None:
 
 
 def test_endgame_duplicates_the_tail_and_cancels_the_losers() -> None:
-    sched = make(4, max_in_flight_per_peer=4, endgame_copies=2)
+    sched = make(4, max_in_flight_per_peer=4, endgame_copies=2, endgame_threshold=4)
     sched.peer_update("a", range(4), True, 0.0)
     sched.peer_update("b", range(4), True, 0.0)
     actions = sched.next_actions(0.0)
@@ -253,7 +254,7 @@ def test_endgame_duplicates_the_tail_and_cancels_the_losers() -> None:
 
 
 def test_endgame_copies_are_capped() -> None:
-    sched = make(2, max_in_flight_per_peer=2, endgame_copies=2)
+    sched = make(2, max_in_flight_per_peer=2, endgame_copies=2, endgame_threshold=2)
     for peer in "abcd":
         sched.peer_update(peer, range(2), True, 0.0)
     actions = sched.next_actions(0.0)
@@ -261,8 +262,24 @@ def test_endgame_copies_are_capped() -> None:
     assert sched.statistics().duplicates == 2
 
 
+@pytest.mark.parametrize(("pieces", "endgame"), [(8, 1), (16, 2), (40, 5), (64, 8), (1000, 8)])
+def test_by_default_the_endgame_is_the_last_eighth_of_a_blob(pieces: int, endgame: int) -> None:
+    assert endgame_size(pieces) == endgame and endgame_size(1) == endgame_size(0) == 1
+    sched = make(pieces, max_in_flight_per_peer=pieces)
+    sched.peer_update("a", range(pieces), True, 0.0)
+    sched.peer_update("b", range(pieces), True, 0.0)
+    assert len(requested(sched.next_actions(0.0))) == pieces  # each piece asked once
+    for index in range(pieces - endgame - 1):  # one more than the endgame still missing
+        sched.piece_received("a", index, True, 1.0)
+    sched.next_actions(1.0)
+    assert not sched.in_endgame and sched.statistics().duplicates == 0
+    sched.piece_received("a", pieces - endgame - 1, True, 2.0)
+    sched.next_actions(2.0)
+    assert sched.in_endgame and sched.statistics().duplicates == endgame
+
+
 def test_no_endgame_while_something_is_still_pending() -> None:
-    sched = make(4, max_in_flight_per_peer=1)
+    sched = make(4, max_in_flight_per_peer=1, endgame_threshold=4)
     sched.peer_update("a", range(4), True, 0.0)
     sched.peer_update("b", range(4), True, 0.0)
     assert len(requested(sched.next_actions(0.0))) == 2
@@ -371,7 +388,7 @@ def test_pieces_already_held_are_never_requested() -> None:
     sched = make(10, have=range(0, 10, 2))
     sched.peer_update("a", range(10), True, 0.0)
     sched.peer_update("b", range(10), True, 0.0)
-    assert set(requested(sched.next_actions(0.0))) == {1, 3, 5, 7, 9}  # endgame: twice
+    assert sorted(requested(sched.next_actions(0.0))) == [1, 3, 5, 7, 9]
     assert sched.contiguous == 1
 
 
