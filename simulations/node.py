@@ -29,7 +29,8 @@ Simplifications (each a deliberate difference from the daemon):
 
 - RPCs to the coordinator (lookup, lease, announce) cost one-way link latency each way
   and no bandwidth; the loop does not block on them (the daemon awaits lookup and lease
-  inline), answers wake it instead. Messages are never lost; nodes never fail.
+  inline), answers wake it instead. Messages are never lost; a node fails only by
+  crashing (``--failures``).
 - No integrity: every piece verifies, piece hashes are taken as known (the daemon only
   counts a holder's pieces once the table has their hash), so announcements carry none.
 - A holder known to be complete is fed with ``complete=True`` (the same mask as listing
