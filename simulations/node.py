@@ -66,6 +66,7 @@ from p2pd.core.tuning import (
     ANNOUNCE_DELAY,
     BUSY_AFTER,
     HOLDER_TTL,
+    LEASE_DEFER,
     LEASE_RETRY,
     LEASE_TTL,
     LOOKUP_INTERVAL,
@@ -201,6 +202,16 @@ class SimNode:
         for download in self.downloads.values():
             download.announce()
         self.engine.schedule(REANNOUNCE, self._reannounce)
+
+    def leasing(self, besides: BlobDownload) -> bool:
+        """Whether a download other than ``besides`` is asking for its upstream lease."""
+        return any(d.leasing for d in self._active if d is not besides)
+
+    def fetching_upstream(self, besides: BlobDownload) -> bool:
+        """Whether a download other than ``besides`` holds an upstream lease with pieces
+        still to fetch, and other nodes could take further leases (``Swarm.fetching_upstream``)."""
+        return any(d.fetches_upstream for d in self._active if d is not besides) and \
+            len(self.cluster.nodes) > 1
 
     # -- RPCs ---------------------------------------------------------------------------
 
@@ -356,6 +367,8 @@ class BlobDownload:
         self.refused_by: dict[str, dict[int, float]] = {}  # peer -> piece -> until
         self.last_progress = self.engine.now
         self.next_lookup = self.next_lease = 0.0
+        self.deferred = False  # the first lease request, while the node fetches another blob
+        self.lease_asked: float | None = None  # when a lease request went out, unanswered
         self.announce_due = False
         self._announcer: Timer | None = None
         self._wake: Timer | None = None  # the next timed turn of the loop
@@ -414,8 +427,13 @@ class BlobDownload:
             self.next_lookup = now + LOOKUP_INTERVAL
         wanted = sched.wants_lease
         if wanted and now >= self.next_lease:
-            self._lease()
-            self.next_lease = now + LEASE_RETRY
+            if self.node.leasing(besides=self):
+                pass  # one lease request at a time: its answer pokes us
+            elif not self.deferred and self.node.fetching_upstream(besides=self):
+                self.deferred, self.next_lease = True, now + LEASE_DEFER
+            else:
+                self._lease()
+                self.next_lease = now + LEASE_RETRY
         if now - self.last_progress > STUCK_AFTER and not sched.in_flight:
             self.upstream = range(self.layout.count)
             sched.set_upstream_range(0, self.layout.count)
@@ -516,9 +534,26 @@ class BlobDownload:
         def query() -> object:
             return coordinator.request_lease(blob.digest, blob.size, name, self.engine.now)
 
+        self.lease_asked = self.engine.now
         self.node.call(target, query, self._granted)
 
+    @property
+    def leasing(self) -> bool:
+        """Whether a lease request is on its way (a crashed coordinator never answers:
+        the daemon's request would fail, here it is given up after ``LEASE_RETRY``)."""
+        asked = self.lease_asked
+        return asked is not None and self.engine.now - asked < LEASE_RETRY
+
+    @property
+    def fetches_upstream(self) -> bool:
+        """Whether pieces of our upstream range are still to come."""
+        return not all(self.sched.is_held(i) for i in self.upstream)
+
     def _granted(self, answer: object) -> None:
+        self.lease_asked = None
+        for other in self.node._active:  # downloads waiting for this answer to ask theirs
+            if other is not self and not other.completed:
+                other.poke()
         if isinstance(answer, Lease) and not self.solo and not self.completed:
             self.upstream = range(answer.first_piece, answer.last_piece)
             self.sched.set_upstream_range(answer.first_piece, answer.last_piece)

@@ -8,7 +8,10 @@ the swarm up at its coordinator, feeds the holders to its piece scheduler
 (``p2pd.core.scheduler``), asks peers for pieces over the peer port and verifies each
 against the table, and asks the coordinator for a lease before fetching anything from
 the registry: when every node starts at once, one of them gets the lease and the rest
-take the pieces from it as they arrive. Each node announces what it holds (with the
+take the pieces from it as they arrive. A node asks for one lease at a time, and while
+it fetches one blob from upstream it waits :data:`LEASE_DEFER` before asking for
+another's (unless it is alone), so the layers of an image pulled everywhere at once are
+fetched by several nodes, not all through the first asker's link. Each node announces what it holds (with the
 hashes of pieces it fetched itself) as it goes and, for complete blobs, every
 :data:`REANNOUNCE` seconds, so a new coordinator rebuilds its state within that time.
 Whatever goes wrong with peers or the coordinator, the node falls back to fetching from
@@ -47,6 +50,7 @@ from p2pd.core.scheduler import FetchUpstream, RequestPiece, Scheduler
 from p2pd.core.tuning import (
     ANNOUNCE_DELAY,
     HOLDER_TTL,
+    LEASE_DEFER,
     LEASE_RETRY,
     LEASE_TTL,
     LOOKUP_INTERVAL,
@@ -271,6 +275,20 @@ class Swarm:
         self.membership.heard_from(addr, trio.current_time())
         return answer.reason
 
+    def leasing(self, besides: _Fetch) -> bool:
+        """Whether a download other than ``besides`` is asking for its upstream lease."""
+        return any(f.leasing for f in self._fetches if f is not besides)
+
+    def fetching_upstream(self, besides: _Fetch) -> bool:
+        """Whether a download other than ``besides`` holds an upstream lease with pieces
+        still to fetch, and other daemons are alive to take further leases."""
+        return any(f.fetches_upstream for f in self._fetches if f is not besides) and \
+            len(self.membership.alive(trio.current_time())) > 1
+
+    def _wake_all(self) -> None:
+        for fetch in self._fetches:
+            fetch.wake.set()
+
     def _share_requests(self) -> None:
         """Split the node's request budget among the downloads in progress."""
         fetches = self._fetches
@@ -301,6 +319,7 @@ class _Fetch:
         self.wake = trio.Event()
         self.announce_due = False
         self.upstream = range(0)  # pieces we may fetch upstream (our lease)
+        self.leasing = False  # asking the coordinator for the lease now
         self.solo = False
         # pieces a peer said it lacks although announced, and until when to believe it
         self.refused: dict[str, dict[int, float]] = {}
@@ -309,8 +328,14 @@ class _Fetch:
     def _poke(self) -> None:
         self.wake.set()
 
+    @property
+    def fetches_upstream(self) -> bool:
+        """Whether pieces of our upstream range are still to come."""
+        return not all(self.sched.is_held(i) for i in self.upstream)
+
     async def run(self) -> None:
         next_lookup = next_lease = 0.0
+        deferred = False  # the first lease request, while this node fetches another blob
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announcer)
             while not self.sched.done:
@@ -320,8 +345,13 @@ class _Fetch:
                     next_lookup = now + LOOKUP_INTERVAL
                 wanted = self.sched.wants_lease
                 if wanted and now >= next_lease and not self.peers_only:
-                    await self._lease(now)
-                    next_lease = now + LEASE_RETRY
+                    if self.swarm.leasing(besides=self):
+                        pass  # one lease request at a time: its answer wakes us
+                    elif not deferred and self.swarm.fetching_upstream(besides=self):
+                        deferred, next_lease = True, now + LEASE_DEFER
+                    else:
+                        await self._lease(now)
+                        next_lease = now + LEASE_RETRY
                 # Pieces that only blamed or vanished peers claim, or whose fetcher
                 # stalls while the coordinator still counts its lease: stop waiting.
                 if now - self.last_progress > STUCK_AFTER and not self.sched.in_flight:
@@ -365,6 +395,7 @@ class _Fetch:
             self.sched.peer_update(holder.node_id, pieces, False, now)
 
     async def _lease(self, now: float) -> None:
+        self.leasing = True
         try:
             grant = await self.swarm._ask(self.digest, lambda rid: Lease(
                 rid, self.digest, self.size, 0, self.layout.count - 1))
@@ -372,6 +403,9 @@ class _Fetch:
             self.solo = True
             self._go_solo(f"coordinator unreachable: {exc}")
             return
+        finally:
+            self.leasing = False
+            self.swarm._wake_all()  # downloads waiting for this answer to ask theirs
         assert isinstance(grant, LeaseGrant)
         if grant.granted and not self.solo:
             self.upstream = range(grant.first_piece, grant.last_piece + 1)

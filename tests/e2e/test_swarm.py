@@ -133,3 +133,40 @@ def test_daemons_find_each_other_with_mdns_on_loopback(
         assert httpx.get(a.url + url, trust_env=False, timeout=30).content == truth
         assert httpx.get(b.url + url, trust_env=False, timeout=30).content == truth
         assert b.metric("p2pd_blob_bytes_fetched_total", source="peer") == layer.size
+
+
+def test_a_node_fetching_one_layer_upstream_leaves_the_other_layers_to_its_peers(
+    tmp_path: Path, registry: Registry,
+) -> None:
+    """node0 asks for three layers at once, its peers 50 ms later: node0 takes the first
+    layer's lease and waits before asking for the others, which the peers take, so the
+    first copies come through three nodes' links (each capped at 4 MiB/s from upstream)
+    instead of all through node0's."""
+    import concurrent.futures
+    import hashlib
+
+    import httpx
+
+    image = build_image(tmp_path / "image", [3 * MiB, 3 * MiB, 3 * MiB], seed=8)
+    assert len({layer.size for layer in image.layers}) == 1
+    ref = push_image(image, registry.host, "swarm/spread")
+    repo = ref.split("/", 1)[1].split(":")[0]
+    with swarm(tmp_path, registry.url, registry.host, 3, "--upstream-limit", "4MiB") as nodes:
+
+        def get(node: P2pd, digest: str) -> str:
+            url = f"{node.url}/v2/{repo}/blobs/{digest}?ns={registry.host}"
+            resp = httpx.get(url, timeout=60, trust_env=False)
+            assert resp.status_code == 200, resp.text
+            return "sha256:" + hashlib.sha256(resp.content).hexdigest()
+
+        layers = [layer.digest for layer in image.layers]
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            first = [pool.submit(get, nodes[0], d) for d in layers]
+            time.sleep(0.05)
+            later = [pool.submit(get, node, d) for node in nodes[1:] for d in layers]
+            assert [f.result() for f in first] == layers
+            assert [f.result() for f in later] == layers * 2
+        upstream = [n.metric("p2pd_blob_bytes_fetched_total", source="upstream")
+                    for n in nodes]
+        assert sum(upstream) == image.layer_bytes, upstream  # one copy from the registry
+        assert upstream[0] == image.layers[0].size, (upstream, nodes[0].log_text()[-3000:])

@@ -1,8 +1,12 @@
-"""The upload side of a simulated node: busy requests wait FIFO, then are refused; beyond
-MAX_WAITING waiters they are refused at once."""
+"""A simulated node: on the upload side busy requests wait FIFO, then are refused; beyond
+MAX_WAITING waiters they are refused at once. On the download side a node fetching a
+layer upstream leaves the next layers' leases to others."""
+
+from collections import Counter
 
 import pytest
 
+from p2pd.core.coordinator import BlobSwarm, Lease
 from p2pd.core.tuning import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING
 from simulations.cluster import Cluster, MiB, Scenario
 from simulations.node import BlobDownload, SimNode
@@ -68,3 +72,46 @@ def test_each_waiting_request_is_refused_when_its_own_wait_is_over() -> None:
     assert [when for _, when, _ in seen] == [
         pytest.approx(at + BUSY_AFTER + latency) for at in (0.0, 0.3, 0.6)]
     assert not holder._queue and holder._expiry is None
+
+
+def _lease_holders(monkeypatch: pytest.MonkeyPatch, scenario: Scenario) -> list[str]:
+    """Who was granted each upstream lease in a run of ``scenario``."""
+    granted: list[str] = []
+    request = BlobSwarm.request_lease
+
+    def spy(swarm: BlobSwarm, node_id: str, now: float, ttl: float) -> Lease | None:
+        had = node_id in swarm.leases
+        lease = request(swarm, node_id, now, ttl)
+        if lease is not None and not had:
+            granted.append(node_id)
+        return lease
+
+    monkeypatch.setattr(BlobSwarm, "request_lease", spy)
+    Cluster(scenario).run()
+    return granted
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_a_node_fetching_one_layer_upstream_leaves_the_next_leases_to_others(
+    monkeypatch: pytest.MonkeyPatch, defer: bool,
+) -> None:
+    # One node starts 50 ms before the next: without the deferral it asks for every
+    # lease before anyone else and fetches the whole image through its own downlink.
+    scenario = Scenario(nodes=4, image_bytes=32 * MiB, layers=4, node_up=4 * MiB,
+                        node_down=4 * MiB, registry_up=8 * MiB, arrival="staggered",
+                        stagger=0.05, seed=1)
+    if not defer:  # as before: every download asks at once, whatever the others do
+        monkeypatch.setattr(SimNode, "leasing", lambda node, besides: False)
+        monkeypatch.setattr(SimNode, "fetching_upstream", lambda node, besides: False)
+    holders = Counter(_lease_holders(monkeypatch, scenario))
+    assert sum(holders.values()) == scenario.layers
+    # The 4th layer starts when one of the first three is in: its lease may go anywhere.
+    assert max(holders.values()) == (2 if defer else 4), holders
+
+
+def test_a_node_alone_takes_every_lease_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    scenario = Scenario(nodes=1, image_bytes=32 * MiB, layers=4, node_up=4 * MiB,
+                        node_down=4 * MiB, registry_up=8 * MiB, seed=1)
+    assert _lease_holders(monkeypatch, scenario) == ["node-00000"] * scenario.layers
+    result = Cluster(scenario).run()
+    assert result.makespan == pytest.approx(32 / 4, rel=0.05)  # its downlink, no pause
