@@ -11,9 +11,10 @@ the registry: when every node starts at once, one of them gets the lease and the
 take the pieces from it as they arrive. A node asks for one lease at a time, and while
 it fetches one blob from upstream it waits :data:`LEASE_DEFER` before asking for
 another's (unless it is alone), so the layers of an image pulled everywhere at once are
-fetched by several nodes, not all through the first asker's link. Each node announces what it holds (with the
-hashes of pieces it fetched itself) as it goes and, for complete blobs, every
-:data:`REANNOUNCE` seconds, so a new coordinator rebuilds its state within that time.
+fetched by several nodes, not all through the first asker's link. Each node announces
+what it holds (with the hashes of pieces it fetched itself) as it goes and, for
+complete blobs, every :data:`REANNOUNCE` seconds, so a new coordinator rebuilds its
+state within that time.
 Whatever goes wrong with peers or the coordinator, the node falls back to fetching from
 the registry itself: a pull never fails for want of peers.
 """
