@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from p2pd.core.tuning import MAX_IN_FLIGHT, MAX_UPLOADS
-from simulations.cluster import ARRIVALS, MiB, Result, Scenario
+from simulations.cluster import ARRIVALS, MiB, Progress, Result, Scenario
 from simulations.node import Limits
 from simulations.report import (
     RESULTS_DIR,
@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="only this baseline instead of p2p")
     run.add_argument("--plots", type=Path, default=None,
                      help="write cdf.png and egress.png to this directory")
+    run.add_argument("--progress", action="store_true",
+                     help="report how far the p2p run got every 10 s of wall time (stderr)")
     run.add_argument("--results", type=Path, default=RESULTS_DIR,
                      help="where `run NAME` writes its results")
     sweep = commands.add_parser("sweep", help="time until all are done against N")
@@ -170,6 +172,12 @@ def _log(args: argparse.Namespace) -> object:
     return (lambda line: print(line, file=sys.stderr)) if args.json else print
 
 
+def _progress(args: argparse.Namespace) -> Callable[[Progress], None] | None:
+    if not args.progress:
+        return None
+    return lambda p: print(f"  p2p: {p}", file=sys.stderr, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     log = _log(args)
     if args.name is not None:
@@ -177,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         if study is None:
             raise SystemExit(f"no study {args.name!r}; see `python -m simulations list`")
         rows = run_study(study, log,  # type: ignore[arg-type]
-                         lambda rows: save_study(study, rows, args.results))
+                         lambda rows: save_study(study, rows, args.results), _progress(args))
         path = save_study(study, rows, args.results)
         if len({row["nodes"] for row in rows}) > 2:  # a sweep over N: plot it
             plot_sweep(study_sweeps(rows), path.with_suffix(".png"), study.title)
@@ -188,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"\nwritten: {path} and {path.with_suffix('.md')}")
         return 0
     scenario = scenario_from(args)
-    results = run_modes(scenario, _modes(args))
+    results = run_modes(scenario, _modes(args), progress=_progress(args))
     if args.plots is not None:
         args.plots.mkdir(parents=True, exist_ok=True)
         title = f"{scenario.nodes} nodes, {scenario.image_bytes / MiB:.0f} MiB image"

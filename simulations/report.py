@@ -17,7 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-from simulations.cluster import Result, Scenario, run_direct, run_p2p, run_spegel
+from simulations.cluster import Progress, Result, Scenario, run_direct, run_p2p, run_spegel
 from simulations.scenarios import Study
 
 RUNNERS: dict[str, Callable[[Scenario], Result]] = {
@@ -27,24 +27,27 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def run_modes(scenario: Scenario, modes: Sequence[str],
-              log: Callable[[str], None] = lambda line: None) -> dict[str, Result]:
-    """``scenario`` in each of ``modes`` (same network, same seed)."""
+              log: Callable[[str], None] = lambda line: None,
+              progress: Callable[[Progress], None] | None = None) -> dict[str, Result]:
+    """``scenario`` in each of ``modes`` (same network, same seed); ``progress`` hears
+    how a long p2p run is getting on (see ``Cluster.run``)."""
     out = {}
     for mode in modes:
-        out[mode] = RUNNERS[mode](scenario)
+        out[mode] = run_p2p(scenario, progress) if mode == "p2p" else RUNNERS[mode](scenario)
         log(f"  {mode}: done in {out[mode].wall:.1f} s wall")
     return out
 
 
 def run_study(study: Study, log: Callable[[str], None] = lambda line: None,
               done: Callable[[list[dict[str, Any]]], object] = lambda rows: None,
+              progress: Callable[[Progress], None] | None = None,
               ) -> list[dict[str, Any]]:
     """Every case in every mode: one row each (JSON-ready), with the published figures.
     ``done`` gets the rows so far after each case (to save a long study as it goes)."""
     rows: list[dict[str, Any]] = []
     for case in study.cases:
         log(f"{study.name}: {case.label}")
-        for mode, result in run_modes(case.scenario, study.modes, log).items():
+        for mode, result in run_modes(case.scenario, study.modes, log, progress).items():
             rows.append({"case": case.label, "mode": mode, "published": case.published,
                          "nodes": case.scenario.nodes, **result.summary()})
         done(rows)

@@ -9,11 +9,13 @@ import pytest
 
 import p2pd.core.coordinator
 import p2pd.core.scheduler
+import simulations.cluster
 import simulations.node
 from simulations.__main__ import main
 from simulations.cluster import (
     Cluster,
     MiB,
+    Progress,
     Scenario,
     kumar_ross_bound,
     run_direct,
@@ -41,6 +43,20 @@ def test_same_seed_same_run() -> None:
     assert a.scheduler == b.scheduler and a.events == b.events
     c = run_p2p(Scenario(**{**_fields(SMALL), "seed": 6}))
     assert c.completion != a.completion
+
+
+def test_progress_reports_leave_the_run_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(simulations.cluster, "PROGRESS_EVERY", 0.0)  # report every slice
+    seen: list[Progress] = []
+    reported = run_p2p(SMALL, seen.append)
+    plain = run_p2p(SMALL)
+    assert reported.completion == plain.completion and reported.events == plain.events
+    assert reported.scheduler == plain.scheduler
+    assert len(seen) > 10
+    assert [p.simulated for p in seen] == sorted(p.simulated for p in seen)
+    assert [p.done for p in seen] == sorted(p.done for p in seen)
+    assert seen[0].done == 0 and seen[-1].done == seen[-1].live == SMALL.nodes
+    assert seen[-1].events == plain.events
 
 
 def _fields(scenario: Scenario) -> dict[str, object]:
