@@ -17,12 +17,13 @@ REANNOUNCE = 20.0
 """Complete blobs are announced again this often (the coordinator's state is soft)."""
 HOLDER_TTL = 3 * REANNOUNCE
 LEASE_DEFER = LOOKUP_INTERVAL
-"""A node already fetching a blob from upstream, or asking to, waits this long before it
-asks for another blob's lease. When nodes start a pull together the others take those
-leases meanwhile, so the first copies come through several nodes' downlinks instead of
-all through the first asker's (emulated, 4 nodes on 4 MiB/s links: the node that asked
-first took all four layers' leases and the pull took 39 s instead of 23). A node pulling
-alone gets each further lease this much later."""
+"""A node asks for one upstream lease at a time, and while it fetches a blob from
+upstream it waits this long before asking for another blob's (unless no other daemon is
+alive). When nodes start a pull together the others take those leases meanwhile, so the
+first copies come through several nodes' downlinks instead of all through the first
+asker's (emulated, 4 nodes on 4 MiB/s links: the node that asked first took all four
+layers' leases and the pull took 39 s; 21.7 s with them spread). A node pulling alone
+in a cluster gets each further lease this much later."""
 LEASE_TTL = 5.0
 STUCK_AFTER = LEASE_TTL + 1.0
 """Pieces no usable peer has and nobody fetches for this long come from upstream anyway
