@@ -186,6 +186,7 @@ class Scheduler:
         self._blamed: dict[PeerId, None] = {}
         self._dirty: dict[PeerId, None] = {}  # to reconsider in next_actions
         self._idle: dict[PeerId, None] = {}  # allowance left but nothing to ask
+        self._idle_bits = 0  # holds at least every piece an idle peer holds (rank bits)
         self._starved: dict[PeerId, None] = {}  # allowance left, held back by max_in_flight
         self._outbox: list[Action] = []
         self._sent = self._dups = self._cancels = self._redundant = 0
@@ -435,6 +436,8 @@ class Scheduler:
         self._masks[peer_id] = new
         if old == new:
             return
+        if peer_id in self._idle:
+            self._idle_bits |= new
         if new & ~old and self._asked.free(peer_id):
             self._dirty[peer_id] = None
         old_part, new_part = (0 if old == full else old), (0 if new == full else new)
@@ -502,9 +505,12 @@ class Scheduler:
             self._orphans |= 1 << index
         self._pending += 1
         self._state[index] = _PENDING
-        for peer_id in self._idle:  # idle peers holding it can ask for it now
-            if self._masks[peer_id] & bit:
-                self._dirty[peer_id] = None
+        if not self._idle:
+            self._idle_bits = 0
+        elif self._idle_bits & bit:  # some idle peer may hold it: it can ask for it now
+            for peer_id in self._idle:
+                if self._masks[peer_id] & bit:
+                    self._dirty[peer_id] = None
 
     def _settle(self, index: int) -> None:
         """Make ``index`` pending or flying according to its requests."""
@@ -557,7 +563,11 @@ class Scheduler:
         self._idle.pop(peer_id, None)
         self._starved.pop(peer_id, None)
         if asked.free(peer_id):  # to the back: such peers take turns
-            (self._starved if starved else self._idle)[peer_id] = None
+            if starved:
+                self._starved[peer_id] = None
+            else:
+                self._idle[peer_id] = None
+                self._idle_bits |= self._masks[peer_id]
 
     def _pick(self, mask: int) -> int | None:
         """The pending piece to ask a peer holding ``mask`` for: rarest, window, rank."""
