@@ -295,14 +295,15 @@ class Cluster:
         while True:
             t = t + PROGRESS_STEP if until is None else min(t + PROGRESS_STEP, until)
             engine.run(t)
-            finished = engine.statistics().queued == 0 or (until is not None and t >= until)
+            stats = engine.statistics()
+            finished = stats.queued == 0 or (until is not None and t >= until)
             wall = time.perf_counter()
             if finished or wall - told >= PROGRESS_EVERY:
                 told = wall
                 live = [n for n in self.nodes.values() if not n.crashed]
                 progress(Progress(
                     simulated=min(t, engine.now), done=sum(n.done_at is not None for n in live),
-                    live=len(live), events=engine.statistics().events, wall=wall - began))
+                    live=len(live), events=stats.events, wall=wall - began))
             if finished:
                 return
 

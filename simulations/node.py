@@ -210,7 +210,7 @@ class SimNode:
     def fetching_upstream(self, besides: BlobDownload) -> bool:
         """Whether a download other than ``besides`` holds an upstream lease with pieces
         still to fetch, and other nodes could take further leases (``Swarm.fetching_upstream``)."""
-        return any(d.fetches_upstream for d in self._active if d is not besides) and \
+        return any(d.sched.fetching_upstream for d in self._active if d is not besides) and \
             len(self.cluster.nodes) > 1
 
     # -- RPCs ---------------------------------------------------------------------------
@@ -543,11 +543,6 @@ class BlobDownload:
         the daemon's request would fail, here it is given up after ``LEASE_RETRY``)."""
         asked = self.lease_asked
         return asked is not None and self.engine.now - asked < LEASE_RETRY
-
-    @property
-    def fetches_upstream(self) -> bool:
-        """Whether pieces of our upstream range are still to come."""
-        return not all(self.sched.is_held(i) for i in self.upstream)
 
     def _granted(self, answer: object) -> None:
         self.lease_asked = None

@@ -364,6 +364,11 @@ class Scheduler:
         :meth:`wanted_upstream` tells, without listing them)."""
         return not self._seeds and bool(self._orphans & ~self._range_mask)
 
+    @property
+    def fetching_upstream(self) -> bool:
+        """Whether pieces of our upstream range are still to come (not held yet)."""
+        return bool(self._missing & self._range_mask)
+
     def wanted_upstream(self) -> tuple[int, ...]:
         """Pending pieces that no usable peer holds (whether or not in our upstream range)."""
         return () if self._seeds else tuple(_bits(self._orphans))

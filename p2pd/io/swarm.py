@@ -283,7 +283,7 @@ class Swarm:
     def fetching_upstream(self, besides: _Fetch) -> bool:
         """Whether a download other than ``besides`` holds an upstream lease with pieces
         still to fetch, and other daemons are alive to take further leases."""
-        return any(f.fetches_upstream for f in self._fetches if f is not besides) and \
+        return any(f.sched.fetching_upstream for f in self._fetches if f is not besides) and \
             len(self.membership.alive(trio.current_time())) > 1
 
     def _wake_all(self) -> None:
@@ -296,7 +296,7 @@ class Swarm:
         share = request_share(len(fetches))
         for fetch in fetches:
             fetch.sched.set_max_in_flight(share)
-            fetch.wake.set()
+        self._wake_all()
 
 
 class NoPeerHolds(P2PError):
@@ -328,11 +328,6 @@ class _Fetch:
 
     def _poke(self) -> None:
         self.wake.set()
-
-    @property
-    def fetches_upstream(self) -> bool:
-        """Whether pieces of our upstream range are still to come."""
-        return not all(self.sched.is_held(i) for i in self.upstream)
 
     async def run(self) -> None:
         next_lookup = next_lease = 0.0

@@ -301,6 +301,16 @@ def test_only_unheld_pieces_inside_the_lease_are_fetched_upstream() -> None:
     assert sched.wanted_upstream() == ()
 
 
+def test_fetching_upstream_lasts_while_pieces_of_the_lease_are_missing() -> None:
+    sched = make(4)
+    assert not sched.fetching_upstream  # no lease
+    sched.set_upstream_range(1, 3)
+    assert sched.fetching_upstream
+    sched.upstream_received(1, 0.0)
+    sched.piece_received("a", 2, True, 0.0)  # from a peer counts too: it is held
+    assert not sched.fetching_upstream and not sched.done
+
+
 def test_upstream_is_fetched_in_batches_topped_up_at_half() -> None:
     sched = make(20, upstream_batch=8, upstream_range=range(20))
     assert upstream(sched.next_actions(0.0)) == list(range(8))
