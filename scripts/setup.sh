@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Installs everything p2pd's demo and tests need on a Debian 12 machine (as root):
 # the real components (docker-registry, containerd, skopeo, htpasswd, iproute2, curl)
-# from Debian, and p2pd with its test tools into ./.venv. Safe to run again.
+# from Debian, a C compiler and Python's headers for the simulation's compiled build, and
+# p2pd with its test tools into ./.venv. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 for pair in docker-registry:docker-registry containerd:containerd ctr:containerd \
-            skopeo:skopeo htpasswd:apache2-utils ip:iproute2 curl:curl; do
+            skopeo:skopeo htpasswd:apache2-utils ip:iproute2 curl:curl gcc:gcc; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair#*:}")
 done
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need_apt+=(python3-venv python3-pip)
+fi
+if ! python3 -c 'import os, sysconfig, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    need_apt+=(python3-dev)  # headers for `python -m simulations build` (mypyc)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     SUDO=""

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 from p2pd.core.membership import Member, coordinator_for
+from simulations.compiled import in_use
 from simulations.engine import Engine
 from simulations.network import Network
 from simulations.node import BlobSpec, Limits, SimNode
@@ -144,6 +145,8 @@ class Result:
     coordinator: dict[str, int] = field(default_factory=dict)
     # the registry's egress over time: (t, bytes sent so far)
     registry_series: tuple[tuple[float, float], ...] = field(default=(), repr=False)
+    # what ran: the compiled build of the hot modules or the .py files (simulations.compiled)
+    build: str = field(default_factory=in_use)
 
     def percentile(self, q: float) -> float:
         """The nearest-rank ``q`` quantile (0 < q <= 1) of the pull times."""

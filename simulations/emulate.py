@@ -262,7 +262,7 @@ def add_emulate_parser(
 
 def emulate_command(args: argparse.Namespace) -> int:
     """Run the parsed ``emulate`` command and print its report; the exit status."""
-    from simulations.__main__ import format_result, scenario_from
+    from simulations.cli import format_result, scenario_from
 
     if getattr(args, "name", None) or getattr(args, "modes", None) or \
             args.baseline not in (None, "direct"):
@@ -288,7 +288,7 @@ def emulate_command(args: argparse.Namespace) -> int:
 
 def main_emulate(argv: list[str] | None = None) -> int:
     """``python -m simulations emulate ARGV...`` whether or not ``__main__`` wires it."""
-    from simulations import __main__ as cli
+    from simulations import cli
 
     parser = cli._parser()
     commands = _subcommands(parser)

@@ -11,7 +11,7 @@ import p2pd.core.coordinator
 import p2pd.core.scheduler
 import simulations.cluster
 import simulations.node
-from simulations.__main__ import main
+from simulations.cli import main
 from simulations.cluster import (
     Cluster,
     MiB,
