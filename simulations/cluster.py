@@ -22,6 +22,7 @@ entries are forgotten). Crashed nodes are left out of the pull times.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import random
@@ -293,6 +294,16 @@ class Cluster:
         self.engine.schedule(self.scenario.detect, lambda: self._detected(name))
 
     def _run_reporting(self, until: float | None, progress: Callable[[Progress], None],
+                       began: float) -> None:
+        collecting = gc.isenabled()
+        gc.disable()  # also between slices (the engine turns it off only while it runs)
+        try:
+            self._report_slices(until, progress, began)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _report_slices(self, until: float | None, progress: Callable[[Progress], None],
                        began: float) -> None:
         engine, t, told = self.engine, 0.0, began
         while True:
