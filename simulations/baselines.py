@@ -27,6 +27,7 @@ from simulations.cluster import (
     Result,
     Rollout,
     Scenario,
+    Unpacking,
     kumar_ross_bound,
     node_names,
     pick_victims,
@@ -90,6 +91,10 @@ class _Puller:
         self.active -= 1
         self._next()
         if not self.active and not self.waiting and self.done_at is None:
+            self.run.unpacking.start(self.name, self._unpacked)
+
+    def _unpacked(self) -> None:
+        if not self.crashed:
             self.done_at = self.run.engine.now
             self.run.done(self)
 
@@ -111,6 +116,7 @@ class _LayerRun:
             for name in node_names(scenario)
         }
         self.rollout = Rollout(scenario, self.engine, list(self.pullers), self._start)
+        self.unpacking = Unpacking(scenario, self.network)
 
     def _start(self, name: str) -> None:
         puller = self.pullers[name]

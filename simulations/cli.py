@@ -64,6 +64,12 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
                         help="rolling: percent of the nodes per batch")
     parser.add_argument("--stagger", type=float, default=1.0,
                         help="staggered: seconds between node starts")
+    parser.add_argument("--unpack", type=float, default=None,
+                        help="containerd unpacks the image after the fetch at this rate, "
+                             "MiB/s on one core (default: not modelled)")
+    parser.add_argument("--shared-cores", type=int, default=None,
+                        help="with --unpack: all nodes share this many cores (one machine "
+                             "emulating them all); default: each node its own")
     parser.add_argument("--failures", type=int, default=0, help="nodes that crash")
     parser.add_argument("--fail-at", type=float, default=1.0, help="when they crash, s")
     parser.add_argument("--piece-mb", type=float, default=None,
@@ -141,6 +147,7 @@ def scenario_from(args: argparse.Namespace, nodes: int | None = None) -> Scenari
         latency=args.latency / 1000, registry_latency=args.registry_latency / 1000,
         arrival=args.arrival, batch=args.batch / 100, stagger=args.stagger,
         failures=args.failures, fail_at=args.fail_at, limits=limits,
+        unpack=args.unpack * MiB if args.unpack else None, shared_cores=args.shared_cores,
         seed=args.seed, exact=args.exact,
     )
 

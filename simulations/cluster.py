@@ -34,7 +34,7 @@ from functools import partial
 from p2pd.core.membership import Member, coordinator_for
 from simulations.compiled import in_use
 from simulations.engine import Engine
-from simulations.network import Network
+from simulations.network import Flow, Host, Network
 from simulations.node import BlobSpec, Limits, SimNode
 
 MiB = 1 << 20
@@ -65,6 +65,13 @@ class Scenario:
     failures: int = 0
     fail_at: float = 1.0
     detect: float = 2.0
+    # containerd unpacks the image once every layer is in (``ctr images pull``; the
+    # kubelet's CRI pull unpacks too): bytes/s of one node's unpacking, on one core.
+    # None: not modelled, a node is done when it holds every layer.
+    unpack: float | None = None
+    # the nodes share this many cores for unpacking (the emulation's machine: one
+    # host runs every node); None: each node unpacks on its own CPU.
+    shared_cores: int | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -77,6 +84,10 @@ class Scenario:
             raise ValueError("batch must be in (0, 1] and stagger not negative")
         if not 0 <= self.failures < self.nodes:
             raise ValueError("failures must leave at least one node")
+        if self.unpack is not None and not self.unpack > 0:
+            raise ValueError("unpack must be a positive rate")
+        if self.shared_cores is not None and (self.unpack is None or self.shared_cores < 1):
+            raise ValueError("shared_cores needs unpack and at least one core")
 
     def blobs(self) -> list[BlobSpec]:
         """The image's layers: ``layer_sizes``, or equal sizes with the remainder last."""
@@ -185,7 +196,36 @@ def kumar_ross_bound(scenario: Scenario) -> float:
                 n * f / (scenario.registry_up + n * scenario.up))
     if scenario.arrival == "staggered":
         bound = max(bound, (n - 1) * scenario.stagger + f / scenario.down)
+    if scenario.unpack is not None:  # the last node to have it all still unpacks it
+        bound += f / scenario.unpack
     return bound
+
+
+class Unpacking:
+    """containerd unpacking the image after the fetch (``Scenario.unpack``), as a flow
+    of the image's bytes through a CPU: the node's own (a host whose uplink is one core's
+    rate), or with ``shared_cores`` a pool of that many cores all nodes draw on (each
+    unpack still one core at most: its own host's downlink), shared max-min fairly like
+    any link. Its bytes are not network bytes: they count in no statistic."""
+
+    def __init__(self, scenario: Scenario, network: Network) -> None:
+        self.network, self.size, self.rate = network, scenario.image_bytes, scenario.unpack
+        self.pool: Host | None = None
+        if scenario.unpack is not None and scenario.shared_cores is not None:
+            self.pool = network.add_host("cpu", up=scenario.shared_cores * scenario.unpack)
+
+    def start(self, name: str, on_done: Callable[[], None]) -> Flow | None:
+        """Unpack on node ``name``; ``on_done`` when finished (at once if not modelled)."""
+        if self.rate is None:
+            on_done()
+            return None
+        if self.pool is None:
+            cpu = self.network.add_host(f"{name}/cpu", up=self.rate)
+            return self.network.transfer(cpu, cpu, self.size, on_done, tag="unpack",
+                                         counted=False)
+        core = self.network.add_host(f"{name}/cpu", up=math.inf, down=self.rate)
+        return self.network.transfer(self.pool, core, self.size, on_done, tag="unpack",
+                                     counted=False)
 
 
 def node_names(scenario: Scenario) -> list[str]:
@@ -263,6 +303,7 @@ class Cluster:
         self.victims = pick_victims(scenario, list(self.nodes))
         self.finished = False
         self._left = scenario.nodes
+        self.unpacking = Unpacking(scenario, self.network)
 
     def _start(self, name: str) -> None:
         node = self.nodes[name]

@@ -82,8 +82,8 @@ class Host:
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("done", "dst", "finish", "on_done", "on_sent", "rate", "remaining", "since",
-                 "size", "src", "tag", "timer")
+    __slots__ = ("counted", "done", "dst", "finish", "on_done", "on_sent", "rate", "remaining",
+                 "since", "size", "src", "tag", "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -95,6 +95,7 @@ class Flow:
         self.done = False
         self.finish: Callable[[], None] = on_done  # the network's finish timer callback
         self.on_sent: Callable[[], None] | None = None
+        self.counted = True  # in the statistics' bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +143,12 @@ class Network:
         return 0.0 if src is dst else src.latency + dst.latency
 
     def transfer(self, src: Host, dst: Host, size: int, on_done: Callable[[], None], *,
-                 tag: str, on_sent: Callable[[], None] | None = None) -> Flow:
+                 tag: str, on_sent: Callable[[], None] | None = None,
+                 counted: bool = True) -> Flow:
         """Start moving ``size`` bytes now; ``on_done`` runs when the last byte has
         arrived (finish time plus the one-way latency), ``on_sent`` when it has left (the
-        finish time). ``tag`` labels the bytes."""
+        finish time). ``tag`` labels the bytes; ``counted=False`` leaves them out of the
+        statistics' bytes (work modelled as a flow, not traffic)."""
         if size <= 0:
             raise ValueError("a flow moves at least one byte")
         if math.isinf(src.up.capacity) and math.isinf(dst.down.capacity):
@@ -153,10 +156,12 @@ class Network:
         flow = Flow(src, dst, size, tag, on_done, self.engine.now)
         flow.finish = partial(self._finish, flow)
         flow.on_sent = on_sent
+        flow.counted = counted
         self._flows[flow] = None
         src.up.flows[flow] = None
         dst.down.flows[flow] = None
-        self._started += size
+        if counted:
+            self._started += size
         self._counts[0] += 1
         self._touch(flow)
         return flow
@@ -173,7 +178,8 @@ class Network:
         if flow.done:
             return
         self._progress(flow)
-        self._wasted += flow.size - max(0, math.ceil(flow.remaining))
+        if flow.counted:
+            self._wasted += flow.size - max(0, math.ceil(flow.remaining))
         self._counts[2] += 1
         self._remove(flow)
 
@@ -217,7 +223,8 @@ class Network:
                 # _recompute): wake again when it really ends.
                 flow.timer = self.engine.schedule_at(end, flow.finish)
                 return
-        self._bytes[flow.tag] += flow.size
+        if flow.counted:
+            self._bytes[flow.tag] += flow.size
         self._counts[1] += 1
         on_sent, on_done = flow.on_sent, flow.on_done
         self._remove(flow)

@@ -189,9 +189,11 @@ class SimNode:
         self._share_requests()
         self._next_blob()
         if self.done_at is None and not self._active and not self._waiting:
-            self._finished()
+            self.cluster.unpacking.start(self.name, self._finished)
 
     def _finished(self) -> None:
+        if self.crashed:
+            return
         self.done_at = self.engine.now
         self.cluster.node_done(self)
         self.engine.schedule(REANNOUNCE, self._reannounce)

@@ -183,6 +183,43 @@ def test_disk_caps_a_node_like_its_link() -> None:
     assert run_p2p(capped).makespan > run_p2p(SMALL).makespan
 
 
+def test_unpacking_follows_the_fetch_on_the_nodes_cpu() -> None:
+    alone = replace(SMALL, nodes=1, layers=1)
+    fetched = run_direct(alone).makespan
+    unpacked = run_direct(replace(alone, unpack=12 * MiB))
+    assert unpacked.makespan == pytest.approx(fetched + alone.image_bytes / (12 * MiB))
+    assert unpacked.bytes_by_source == {"registry": alone.image_bytes}  # not traffic
+    assert unpacked.bound == pytest.approx(run_direct(alone).bound
+                                           + alone.image_bytes / (12 * MiB))
+
+
+def test_nodes_sharing_cores_unpack_in_turn() -> None:
+    # four nodes, one layer each from a registry fast enough for all: they have the
+    # image at the same instant, then unpack on one shared core at a quarter speed each
+    four = replace(SMALL, nodes=4, layers=1, registry_up=4 * SMALL.node_down)
+    fetched = run_direct(four).makespan
+    each_own = run_direct(replace(four, unpack=12 * MiB)).makespan
+    shared = run_direct(replace(four, unpack=12 * MiB, shared_cores=1))
+    assert each_own == pytest.approx(fetched + four.image_bytes / (12 * MiB))
+    assert shared.makespan == pytest.approx(fetched + 4 * four.image_bytes / (12 * MiB))
+    two_cores = run_direct(replace(four, unpack=12 * MiB, shared_cores=2)).makespan
+    assert two_cores == pytest.approx(fetched + 2 * four.image_bytes / (12 * MiB))
+    p2p = run_p2p(replace(SMALL, unpack=12 * MiB, shared_cores=2))
+    assert p2p.makespan > run_p2p(SMALL).makespan
+    assert sum(p2p.bytes_by_source.values()) == p2p.bytes_started  # unpacking not counted
+    with pytest.raises(ValueError, match="shared_cores"):
+        replace(SMALL, shared_cores=2)
+
+
+def test_a_node_that_crashes_while_unpacking_is_not_done() -> None:
+    scenario = replace(SMALL, unpack=2 * MiB)  # 24 s of unpacking after the fetch
+    fetched = max(run_p2p(SMALL).makespan, run_direct(SMALL).makespan)
+    crashing = replace(scenario, failures=3, fail_at=fetched + 1.0)
+    for result in (run_p2p(crashing), run_direct(crashing)):
+        assert result.failed == 3 and len(result.completion) == scenario.nodes - 3
+        assert min(result.completion) > crashing.fail_at  # they were all unpacking
+
+
 def test_plots_are_written(tmp_path: Path) -> None:
     results = {"p2p": run_p2p(SMALL), "direct": run_direct(SMALL)}
     plot_cdf(results, tmp_path / "cdf.png", "t")
