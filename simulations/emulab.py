@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -67,6 +68,30 @@ class Pull:
     started: float
     ended: float
     returncode: int
+    unpack: float | None = None  # seconds ctr reported for unpacking (None: no unpack)
+
+
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6,
+             "ns": 1e-9}
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go ``time.Duration`` string such as ``1m2.5s`` or ``284.48ms``."""
+    parts = _GO_DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Go duration: {text!r}")
+    return sum(float(n) * _GO_UNITS[u] for n, u in parts)
+
+
+def unpack_seconds(log: str) -> float | None:
+    """How long ``ctr images pull`` said it spent unpacking (the ``done:`` after its
+    ``unpacking`` line), or ``None`` if it did not unpack."""
+    _, found, after = log.rpartition("\nunpacking ")
+    if not found:
+        return None
+    match = re.search(r"^done: (\S+)", after, re.MULTILINE)
+    return go_duration(match.group(1)) if match else None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -220,6 +245,7 @@ class EmuLab(StopOnExit):
         Raises :class:`EmulationError` when a pull fails or ``timeout`` seconds pass.
         """
         argvs = [self.pull_args(ctd, fetch_only) for ctd in self.ctds]
+        logs = [self.workdir / "pulls" / f"{node.name}.log" for node in self.nodes]
         pulls: list[Pull | None] = [None] * len(self.nodes)
         procs: list[Proc] = []
 
@@ -227,12 +253,15 @@ class EmuLab(StopOnExit):
             with contextlib.suppress(Exception):
                 proc.wait(timeout)
             if proc.returncode is not None:
-                pulls[i] = Pull(self.nodes[i].name, started, time.monotonic(), proc.returncode)
+                ended = time.monotonic()
+                log = logs[i].read_text(errors="replace") if logs[i].exists() else ""
+                pulls[i] = Pull(self.nodes[i].name, started, ended, proc.returncode,
+                                None if fetch_only else unpack_seconds(log))
 
         waiters: list[threading.Thread] = []
         for i, (node, argv) in enumerate(zip(self.nodes, argvs, strict=True)):
             started = time.monotonic()
-            procs.append(node.popen(argv, self.workdir / "pulls" / f"{node.name}.log"))
+            procs.append(node.popen(argv, logs[i]))
             waiters.append(threading.Thread(target=wait, args=(i, procs[-1], started),
                                             daemon=True))
             waiters[-1].start()

@@ -85,6 +85,8 @@ class Emulation:
     load: float  # CPU seconds of the lab's processes over (pull seconds x CPUs)
     busy: float  # fraction of all CPUs busy during the pulls (other work included)
     namespaces: tuple[str, ...]  # the lan's network namespaces (all deleted by now)
+    # seconds each node's ctr reported unpacking, in node order (empty: fetch only)
+    unpack: tuple[float, ...] = ()
     latency: str = LATENCY_NOTE
     notes: tuple[str, ...] = field(default=())
 
@@ -203,6 +205,7 @@ def emulate(scenario: Scenario, *, workdir: Path | None = None, mode: str = "p2p
         load=round(sum(cpu.values()) / (wall * (os.cpu_count() or 1)), 3),
         busy=round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3), namespaces=netns,
         notes=tuple(notes),
+        unpack=tuple(round(p.unpack, 3) for p in pulls if p.unpack is not None),
     )
 
 
@@ -224,6 +227,8 @@ def format_emulation(emulation: Emulation) -> str:
         f"received per node: {min(rx) / MiB:.1f}..{max(rx) / MiB:.1f} MiB; pulls started "
         f"within {max(emulation.starts) * 1000:.0f} ms",
         f"lab setup {emulation.setup:.1f} s, teardown {emulation.teardown:.1f} s",
+        *([f"unpacking per node (ctr): {min(emulation.unpack):.2f}..."
+           f"{max(emulation.unpack):.2f} s"] if emulation.unpack else []),
         *emulation.notes,
     ])
 

@@ -17,6 +17,7 @@ import pytest
 from p2pd.lab.netns import IFB_IFACE, Lan, NetnsError, netns_unavailable
 from p2pd.lab.procs import missing_bins
 from simulations.cluster import MiB, Result, Scenario
+from simulations.emulab import go_duration, unpack_seconds
 from simulations.emulate import BINARIES, Emulation, emulate, main_emulate
 from simulations.validate import Row, Validation, format_validation, scenarios
 
@@ -59,6 +60,8 @@ def test_three_nodes_pull_through_their_daemons_and_nothing_is_left(tmp_path: Pa
     assert result.bound == pytest.approx(3.0)  # 24 MiB over 8 MiB/s
     assert emulation.ingress in ("ifb", "bridge") and emulation.pull.startswith("ctr images pull")
     assert all(rx >= SMALL.image_bytes for rx in emulation.node_rx)
+    # each ctr said how long it unpacked (what --unpack models), and it took a while
+    assert len(emulation.unpack) == 3 and all(0 < t < result.wall for t in emulation.unpack)
     # Every namespace of the run is gone.
     assert len(emulation.namespaces) == 1 + 1 + 3  # bridge, registry, nodes
     assert not set(emulation.namespaces) & set(namespaces().split())
@@ -123,3 +126,17 @@ def test_what_cannot_be_emulated_is_refused_before_anything_starts() -> None:
     assert len(unsupported(odd)) == 3
     with pytest.raises(EmulationError, match="cannot emulate"):
         emulate(odd, log=lambda line: None)
+
+
+def test_ctr_unpack_times_are_read_from_its_output() -> None:
+    assert go_duration("284.489083ms") == pytest.approx(0.284489083)
+    assert go_duration("1m2.5s") == pytest.approx(62.5)
+    assert go_duration("850µs") == pytest.approx(850e-6)
+    for bad in ("", "12", "1.5x", "s", "1s trailing"):
+        with pytest.raises(ValueError):
+            go_duration(bad)
+    log = ("layer-sha256:abc:    done           |++++|\nelapsed: 0.9 s    total:  62.0 M\n"
+           "unpacking linux/amd64 sha256:08d0...\ndone: 1.25s\t\n")
+    assert unpack_seconds(log) == pytest.approx(1.25)
+    assert unpack_seconds("elapsed: 0.9 s\ndone: 3s\n") is None  # fetched, never unpacked
+    assert unpack_seconds(log.replace("done: 1.25s", "ctr: failed")) is None
