@@ -10,6 +10,15 @@ Callbacks due now (a zero delay: the nodes' "run my loop at this instant", the n
 batched recomputation) skip the heap: they wait in a FIFO and run in the same
 ``(time, seq)`` order the heap would give them, without its ``log n`` push and pop.
 
+The heap is split by time (a calendar queue): a timer goes into the bucket of
+:data:`BUCKET` seconds its time falls in, an unsorted list; a small heap holds the
+numbers of the buckets that have timers. Only the earliest bucket is a heap of timers,
+made when the clock reaches it. The order is the same ``(time, seq)`` order as one heap
+(every timer of a bucket is earlier than every timer of a later one), but a pop works
+on a heap of a bucket's timers, not of all of them: at 10,000 nodes the single heap
+held a few hundred thousand timers and sifting through it, a cache miss per level, took
+a third of the run.
+
 The cyclic garbage collector is off while :meth:`Engine.run` runs: a large run holds
 millions of long-lived objects (schedulers, flows, timers) and allocates millions of
 short-lived ones, and each full collection rescans them all — half the wall time at
@@ -28,6 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Callback = Callable[[], None]
+Entry = tuple[float, int, "Timer"]
+
+BUCKET = 1e-4
+"""Seconds of virtual time per bucket of the calendar queue (see the module docstring)."""
 
 
 class Timer:
@@ -61,7 +74,10 @@ class Engine:
     def __init__(self, seed: int) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
-        self._heap: list[tuple[float, int, Timer]] = []
+        self._heap: list[Entry] = []  # the earliest bucket's timers (a heap)
+        self._heap_key = -1  # its number (timers up to it go into ``_heap``)
+        self._buckets: dict[int, list[Entry]] = {}  # later timers, by bucket number
+        self._keys: list[int] = []  # the numbers of ``_buckets`` (a heap)
         self._due: deque[tuple[int, Timer]] = deque()  # (seq, timer), all due at ``now``
         self._seq = 0
         self._events = 0
@@ -83,9 +99,25 @@ class Engine:
         seq = self._seq = self._seq + 1
         if time == now:
             self._due.append((seq, timer))
-        else:
+            return timer
+        key = int(time / BUCKET)
+        if key <= self._heap_key:
             heapq.heappush(self._heap, (time, seq, timer))
+            return timer
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [(time, seq, timer)]
+            heapq.heappush(self._keys, key)
+        else:
+            bucket.append((time, seq, timer))
         return timer
+
+    def _refill(self) -> None:
+        """The heap is empty: the earliest bucket becomes the heap."""
+        key = heapq.heappop(self._keys)
+        heap = self._heap = self._buckets.pop(key)
+        heapq.heapify(heap)
+        self._heap_key = key
 
     def child_rng(self) -> random.Random:
         """A new rng seeded from this engine's: one per component, still reproducible."""
@@ -103,10 +135,14 @@ class Engine:
                 gc.enable()
 
     def _run(self, until: float | None) -> float:
-        heap, due, self._stopped = self._heap, self._due, False
+        due, self._stopped = self._due, False
         pop, popleft = heapq.heappop, due.popleft
         limit = math.inf if until is None else until
         while not self._stopped:
+            heap = self._heap
+            if not heap and self._keys:
+                self._refill()
+                heap = self._heap
             if due and not (heap and heap[0][0] == self.now and heap[0][1] < due[0][0]):
                 timer = popleft()[1]
             elif heap:
@@ -132,5 +168,5 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         """Counts of events so far."""
-        return EngineStatistics(self._events, self._cancelled,
-                                len(self._heap) + len(self._due), self.now)
+        queued = len(self._heap) + len(self._due) + sum(map(len, self._buckets.values()))
+        return EngineStatistics(self._events, self._cancelled, queued, self.now)
