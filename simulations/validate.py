@@ -11,6 +11,13 @@ results; it agrees when the simulated p50 and max completion times are each with
 emulated), the registry egress of each, and the CPU share of the lab's processes and of
 the whole machine during the pulls.
 
+containerd unpacks the image after the fetch (``ctr images pull``), on the CPU every
+emulated node shares. The simulation models that (``Scenario.unpack`` with
+``shared_cores`` = this machine's CPUs) at a rate measured first: one node pulls the
+largest image alone on fast links, three times, and ctr's unpack time gives the rate of
+one core (:func:`calibrate_unpack`; ``--unpack none`` leaves it out, ``--fetch-only``
+has nothing to unpack).
+
 The emulation cannot delay packets (no ``netem`` here), so the scenarios describe the
 lan as it is: ``latency`` 0.05 ms one way and ``registry_latency`` 2 ms (a local
 ``docker-registry`` answering), unless told otherwise. The default caps (node 4 MiB/s up
@@ -22,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from simulations.cluster import MiB, Result, Scenario, run_direct, run_p2p
@@ -38,6 +47,8 @@ __all__ = ["Row", "Validation", "add_validate_parser", "run_validation", "scenar
 TOLERANCE = 0.15
 NODES = (4, 8, 16)
 IMAGES_MB = (32.0, 64.0)
+CALIBRATION_RATE = 200 * MiB  # links of the unpack calibration: the fetch is short
+CALIBRATION_RUNS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +59,17 @@ class Row:
     emulation: Emulation
     simulated: Result
     mode: str = "p2p"
+    sim_scenario: Scenario | None = None  # if it differs from ``scenario`` (unpacking)
+
+    @property
+    def unpack(self) -> float | None:
+        """The simulated unpack rate, bytes/s on one core (``None``: not modelled)."""
+        return self.simulated_scenario.unpack
+
+    @property
+    def simulated_scenario(self) -> Scenario:
+        """What was simulated: the scenario, with the unpacking if modelled."""
+        return self.sim_scenario or self.scenario
 
     @property
     def emulated(self) -> Result:
@@ -77,6 +99,9 @@ class Row:
             "bytes_by_source": {"emulated": emu.bytes_by_source,
                                 "simulated": sim.bytes_by_source},
             "bound": sim.bound, "agrees": self.agrees(tolerance),
+            "unpack": {"simulated_rate": self.unpack,
+                       "shared_cores": self.simulated_scenario.shared_cores,
+                       "emulated_seconds": list(self.emulation.unpack)},
             "emulation": self.emulation.summary()["emulation"],
         }
 
@@ -88,6 +113,7 @@ class Validation:
     rows: tuple[Row, ...]
     tolerance: float
     wall: float
+    calibration: tuple[float, ...] = ()  # the calibration's unpack times, s
 
     @property
     def agrees(self) -> bool:
@@ -97,6 +123,7 @@ class Validation:
     def summary(self) -> dict[str, object]:
         """Everything, JSON-ready."""
         return {"tolerance": self.tolerance, "wall": self.wall, "agrees": self.agrees,
+                "calibration_unpack_seconds": list(self.calibration),
                 "rows": [row.summary(self.tolerance) for row in self.rows]}
 
 
@@ -111,22 +138,64 @@ def scenarios(nodes: Sequence[int] = NODES, images_mb: Sequence[float] = IMAGES_
             for mb in images_mb for n in nodes]
 
 
+def calibrate_unpack(image_bytes: int, layers: int, *, log: Log = print,
+                     workdir: Path | None = None,
+                     runs: int = CALIBRATION_RUNS) -> tuple[float, tuple[float, ...]]:
+    """containerd's unpack rate on one core, bytes/s: one node pulls an image of
+    ``image_bytes`` in ``layers`` alone on fast links, ``runs`` times; the median of
+    ctr's unpack times. Also returns the times."""
+    scenario = Scenario(nodes=1, image_bytes=image_bytes, layers=layers,
+                        node_up=CALIBRATION_RATE, node_down=CALIBRATION_RATE,
+                        registry_up=CALIBRATION_RATE, seed=0)
+    times = []
+    for k in range(runs):
+        emulation = emulate(scenario, log=lambda line: None, mode="direct",
+                            workdir=None if workdir is None else workdir / f"calibration{k}")
+        if not emulation.unpack:
+            raise EmulationError("ctr reported no unpack time in the calibration pull")
+        times.append(emulation.unpack[0])
+    rate = image_bytes / statistics.median(times)
+    log(f"unpack calibration: 1 node, {image_bytes / MiB:.0f} MiB alone, ctr unpacked in "
+        f"{', '.join(f'{t:.2f}' for t in times)} s: {rate / MiB:.0f} MiB/s on one core")
+    return rate, tuple(times)
+
+
 def run_validation(scenario_list: Sequence[Scenario], *, workdir: Path | None = None,
                    log: Log = print, fetch_only: bool = False,
                    tolerance: float = TOLERANCE,
-                   modes: Sequence[str] = ("p2p",)) -> Validation:
-    """Emulate and simulate every scenario in every mode in turn (see the module)."""
+                   modes: Sequence[str] = ("p2p",), unpack: float | str | None = "auto",
+                   cores: int | None = None) -> Validation:
+    """Emulate and simulate every scenario in every mode in turn (see the module).
+
+    ``unpack``: the simulated unpack rate (bytes/s on one core), ``"auto"`` to measure
+    it first (:func:`calibrate_unpack`) or ``None`` not to model it; the nodes share
+    ``cores`` (default: this machine's CPUs). Nothing is unpacked with ``fetch_only``.
+    """
     began, rows = time.monotonic(), []
+    calibration: tuple[float, ...] = ()
+    rate: float | None = None
+    if fetch_only or unpack is None:
+        rate = None
+    elif unpack == "auto":
+        largest = max(scenario_list, key=lambda s: s.image_bytes)
+        rate, calibration = calibrate_unpack(largest.image_bytes, largest.layers, log=log,
+                                             workdir=workdir)
+    else:
+        rate = float(unpack)
+    shared = cores or os.cpu_count() or 1
     runs = [(scenario, mode) for scenario in scenario_list for mode in modes]
     for k, (scenario, mode) in enumerate(runs):
         log(f"[{k + 1}/{len(runs)}] {mode}: {scenario.nodes} nodes, "
             f"{scenario.image_bytes / MiB:.0f} MiB in {scenario.layers} layers")
         emulation = emulate(scenario, log=log, fetch_only=fetch_only, mode=mode,
                             workdir=None if workdir is None else workdir / f"run{k}")
-        simulated = run_p2p(scenario) if mode == "p2p" else run_direct(scenario)
-        rows.append(Row(scenario, emulation, simulated, mode))
+        modelled = scenario if rate is None else \
+            replace(scenario, unpack=rate, shared_cores=shared)
+        simulated = run_p2p(modelled) if mode == "p2p" else run_direct(modelled)
+        rows.append(Row(scenario, emulation, simulated, mode,
+                        None if modelled is scenario else modelled))
         log("  " + _line(rows[-1], tolerance))
-    return Validation(tuple(rows), tolerance, time.monotonic() - began)
+    return Validation(tuple(rows), tolerance, time.monotonic() - began, calibration)
 
 
 def _line(row: Row, tolerance: float) -> str:
@@ -137,6 +206,7 @@ def _line(row: Row, tolerance: float) -> str:
             f"{emu.registry_bytes / sc.image_bytes:5.2f} "
             f"{sim.registry_bytes / sc.image_bytes:5.2f} | {sim.bound:6.2f} | "
             f"{row.emulation.load:4.0%} {row.emulation.busy:4.0%} | "
+            f"{max(row.emulation.unpack, default=0.0):5.2f} | "
             f"{'yes' if row.agrees(tolerance) else 'NO'}")
 
 
@@ -152,9 +222,13 @@ def format_validation(validation: Validation) -> str:
                      f"{first.latency * 1000:g} ms, registry latency "
                      f"{first.registry_latency * 1000:g} ms; emulation pulls with "
                      f"`{rows[0].emulation.pull}`, ingress via {rows[0].emulation.ingress}")
+        modelled = rows[0].simulated_scenario
+        lines.append("simulated unpacking: " + (
+            f"{modelled.unpack / MiB:.0f} MiB/s on one core, {modelled.shared_cores} cores "
+            "shared by all nodes" if modelled.unpack else "not modelled"))
     lines += [
         "  mode   N   MiB |   p50 s: emu     sim ratio |   max s: emu     sim ratio | "
-        "egress xF: emu sim | bound | CPU lab all | within",
+        "egress xF: emu sim | bound | CPU lab all | unpack s emu max | within",
         *(_line(row, validation.tolerance) for row in rows),
         f"{sum(r.agrees(validation.tolerance) for r in rows)} of {len(rows)} rows within "
         f"{validation.tolerance:.0%} (p50 and max); validate wall {validation.wall:.0f} s",
@@ -185,6 +259,9 @@ def add_validate_parser(
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--fetch-only", action="store_true",
                         help="ctr content fetch (no unpacking) instead of ctr images pull")
+    parser.add_argument("--unpack", default="auto",
+                        help="simulated unpack rate, MiB/s on one core: 'auto' measures it "
+                             "first (one node alone), 'none' leaves unpacking out")
     parser.add_argument("--direct", action="store_true",
                         help="also compare the direct baseline (every node from the registry)")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -201,10 +278,21 @@ def validate_command(args: argparse.Namespace) -> int:
                        registry_up=args.registry * MiB, latency=args.latency / 1000,
                        registry_latency=args.registry_latency / 1000, seed=args.seed)
     log: Log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    unpack: float | str | None = args.unpack
+    if args.unpack == "none":
+        unpack = None
+    elif args.unpack != "auto":
+        try:
+            unpack = float(args.unpack) * MiB
+        except ValueError:
+            print(f"validate: --unpack {args.unpack!r}: a rate in MiB/s, auto or none",
+                  file=sys.stderr)
+            return 2
     try:
         validation = run_validation(chosen, workdir=args.workdir, log=log,
                                     fetch_only=args.fetch_only, tolerance=args.tolerance,
-                                    modes=("p2p", "direct") if args.direct else ("p2p",))
+                                    modes=("p2p", "direct") if args.direct else ("p2p",),
+                                    unpack=unpack)
     except EmulationError as exc:
         print(f"validate: {exc}", file=sys.stderr)
         return 2
