@@ -122,6 +122,16 @@ class FrameReader:
         """Bytes received but not yet decoded."""
         return len(self._buffer)
 
+    @property
+    def missing(self) -> int:
+        """Bytes that must still arrive before the next message can be decoded (at least
+        1 when none is complete; 0 if one is)."""
+        buffer = self._buffer
+        if len(buffer) < HEADER_SIZE:
+            return HEADER_SIZE - len(buffer)
+        end = HEADER_SIZE + int.from_bytes(buffer[:HEADER_SIZE], "big")
+        return max(0, end - len(buffer))
+
     def feed(self, data: bytes) -> None:
         """Append received bytes; raise :class:`LocalProtocolError` past the buffer bound."""
         if len(self._buffer) + len(data) > MAX_RECEIVE_BUFFER:
@@ -337,6 +347,12 @@ class PeerConnection:
         self._messages_sent += 1
         self._bytes_sent += len(frame)
         return self.data_to_send() + frame if self._outgoing else frame
+
+    @property
+    def bytes_missing(self) -> int:
+        """Bytes still to arrive before :meth:`next_event` can return the next message
+        (how much a reader may wait for before it wakes; see ``FrameReader.missing``)."""
+        return self._reader.missing
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed its end (EOF).

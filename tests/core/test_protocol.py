@@ -246,6 +246,25 @@ def test_one_byte_feeds() -> None:
     assert received == sent
 
 
+def test_missing_counts_the_bytes_the_next_message_still_needs() -> None:
+    sent: list[Message] = [Error("bye", "z" * 1000), Ping(7)]
+    stream = b"".join(encode_frame(m) for m in sent)
+    first = len(encode_frame(sent[0]))
+    reader = FrameReader()
+    assert reader.missing == 4  # the length prefix
+    reader.feed(stream[:2])
+    assert reader.missing == 2
+    for fed in (4, 1000, first - 1):
+        reader.feed(stream[reader.buffered:fed])
+        assert reader.missing == first - fed  # what the frame's length says is left
+        assert reader.next_message() is None
+    reader.feed(stream[first - 1:first + 2])
+    assert reader.missing == 0 and reader.next_message() == sent[0]
+    assert reader.missing == 2  # the next prefix is half in
+    reader.feed(stream[first + 2:])
+    assert reader.missing == 0 and reader.next_message() == sent[1]
+
+
 def test_the_largest_messages_fit_their_frames() -> None:
     size = MAX_BLOB_SIZE
     count = PieceLayout.for_size(size).count
