@@ -1,6 +1,8 @@
 """The event engine: time order, ties in scheduling order, cancel, until, stop."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simulations.engine import Engine
 
@@ -84,3 +86,39 @@ def test_callbacks_due_now_keep_the_heaps_order() -> None:
     assert engine.run() == 1.0
     assert seen == ["0", "a", "b", "c", "d", "e"]
     assert engine.statistics().cancelled == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 0.005, allow_nan=False), st.integers(0, 3)),
+                min_size=1, max_size=60),
+       st.lists(st.floats(0, 0.006, allow_nan=False), max_size=4))
+def test_the_calendar_queue_runs_everything_in_time_then_schedule_order(
+    plan: list[tuple[float, int]], pauses: list[float]
+) -> None:
+    """Timers spread over many buckets, some scheduling more (into the current bucket,
+    an earlier one after a pause at ``until``, or later ones): the run order is exactly
+    ``(time, when scheduled)``, as one heap would give it."""
+    engine = Engine(seed=1)
+    ran: list[tuple[float, int]] = []
+    order = iter(range(10**6))
+
+    def timer(at: float, children: int) -> None:
+        key = next(order)
+
+        def fire() -> None:
+            ran.append((engine.now, key))
+            for k in range(children):  # later timers, near and far, and one due now
+                timer(engine.now + (0.0, 1e-5, 3e-4, 0.002)[k], 0)
+
+        engine.schedule_at(at, fire)
+        expected.append((at, key))
+
+    expected: list[tuple[float, int]] = []
+    for delay, children in plan:
+        timer(delay, children)
+    for until in sorted(pauses):  # stop at an instant, schedule, go on
+        engine.run(until)
+        timer(engine.now + 1e-6, 1)
+    engine.run()
+    assert ran == sorted(expected)
+    assert engine.statistics().queued == 0
