@@ -136,12 +136,14 @@ def build(log: Callable[[str], None] = print, root: Path = ROOT) -> Path:
 def activate(root: Path = ROOT) -> Path | None:
     """Load :data:`MODULES` from the build for the current sources, if there is one;
     its directory, or ``None`` (nothing changes). Call it before they are imported."""
-    if os.environ.get("P2PD_SIM_COMPILED", "1") == "0" or not is_built(root):
+    if os.environ.get("P2PD_SIM_COMPILED", "1") == "0":
+        return None
+    target = build_dir(root)  # hashes the sources: once per start, not once per question
+    if not (target / _DONE).is_file():
         return None
     loaded = [name for name in map(module_name, MODULES) if name in sys.modules]
     if loaded:
         raise RuntimeError(f"activate() after {loaded[0]} was imported")
-    target = build_dir(root)
     import p2pd.core
     import simulations
 

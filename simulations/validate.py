@@ -179,7 +179,7 @@ def run_validation(scenario_list: Sequence[Scenario], *, workdir: Path | None = 
     calibration: tuple[float, ...] = ()
     rate: float | None = None
     if fetch_only or unpack is None:
-        rate = None
+        pass  # nothing unpacked, or not modelled
     elif unpack == "auto":
         largest = max(scenario_list, key=lambda s: s.image_bytes)
         rate, calibration = calibrate_unpack(largest.image_bytes, largest.layers, log=log,
