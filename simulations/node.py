@@ -6,7 +6,8 @@ rendezvous order it heads, found with :func:`~p2pd.core.membership.coordinator_f
 over all node names), a :class:`~p2pd.core.peerscore.PeerScores` and, per blob, a
 :class:`BlobDownload` holding a :class:`~p2pd.core.scheduler.Scheduler`. A download
 loops like ``_Fetch.run`` in ``p2pd/io/swarm.py``: look the swarm up at the coordinator
-every :data:`LOOKUP_INTERVAL` and feed the holders to the scheduler (``peer_update``);
+every :data:`LOOKUP_INTERVAL` ± :data:`LOOKUP_JITTER` (``lookup_wait``) and feed the
+holders to the scheduler (``peer_update``);
 ask for the upstream lease when pieces nobody holds are wanted (every
 :data:`LEASE_RETRY`), set the lease as the scheduler's upstream range; go solo when no
 piece arrived for :data:`STUCK_AFTER`; ``tick``; then carry out ``next_actions``:
@@ -69,7 +70,7 @@ from p2pd.core.tuning import (
     LEASE_DEFER,
     LEASE_RETRY,
     LEASE_TTL,
-    LOOKUP_INTERVAL,
+    LOOKUP_JITTER,
     MAX_IN_FLIGHT,
     MAX_UPLOADS,
     MAX_WAITING,
@@ -77,6 +78,7 @@ from p2pd.core.tuning import (
     MISSING_RETRY,
     REANNOUNCE,
     STUCK_AFTER,
+    lookup_wait,
     request_share,
 )
 from simulations.engine import Engine, Timer
@@ -107,6 +109,7 @@ class Limits:
     layer_concurrency: int = 3  # containerd's max_concurrent_downloads
     upload_limit: float | None = None  # the daemon's --upload-limit, bytes/s
     download_limit: float | None = None  # its --download-limit
+    lookup_jitter: float = LOOKUP_JITTER  # 0: every node looks up in step
 
     def layout(self, size: int) -> PieceLayout:
         """The piece layout of a blob of ``size`` bytes."""
@@ -426,7 +429,7 @@ class BlobDownload:
             return
         if now >= self.next_lookup and not self.solo:
             self._lookup()
-            self.next_lookup = now + LOOKUP_INTERVAL
+            self.next_lookup = now + lookup_wait(self.node.rng, self.node.limits.lookup_jitter)
         wanted = sched.wants_lease
         if wanted and now >= self.next_lease:
             if self.node.leasing(besides=self):

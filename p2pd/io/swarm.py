@@ -54,11 +54,11 @@ from p2pd.core.tuning import (
     LEASE_DEFER,
     LEASE_RETRY,
     LEASE_TTL,
-    LOOKUP_INTERVAL,
     MAX_IN_FLIGHT,
     MISSING_RETRY,
     REANNOUNCE,
     STUCK_AFTER,
+    lookup_wait,
     request_share,
 )
 from p2pd.errors import P2PError
@@ -338,7 +338,7 @@ class _Fetch:
                 now = trio.current_time()
                 if now >= next_lookup and not self.solo:
                     await self._lookup(now)
-                    next_lookup = now + LOOKUP_INTERVAL
+                    next_lookup = now + lookup_wait(self.swarm.rng)
                 wanted = self.sched.wants_lease
                 if wanted and now >= next_lease and not self.peers_only:
                     if self.swarm.leasing(besides=self):

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 
 from p2pd.core.coordinator import BlobSwarm, Lease
-from p2pd.core.tuning import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING
+from p2pd.core.tuning import BUSY_AFTER, LOOKUP_JITTER, MAX_UPLOADS, MAX_WAITING
 from simulations.cluster import Cluster, MiB, Scenario
-from simulations.node import BlobDownload, SimNode
+from simulations.node import BlobDownload, Limits, SimNode
 
 SCENARIO = Scenario(nodes=2, image_bytes=8 * MiB, layers=1, node_up=10 * MiB,
                     node_down=100 * MiB, registry_up=10 * MiB, seed=1)
@@ -115,3 +115,15 @@ def test_a_node_alone_takes_every_lease_without_waiting(monkeypatch: pytest.Monk
     assert _lease_holders(monkeypatch, scenario) == ["node-00000"] * scenario.layers
     result = Cluster(scenario).run()
     assert result.makespan == pytest.approx(32 / 4, rel=0.05)  # its downlink, no pause
+
+
+def test_nodes_starting_together_look_up_out_of_step_and_are_refused_less() -> None:
+    # In step, every node learns of a new piece at the same lookup and asks its one
+    # holder at once: most are refused as busy. Jittered waits spread the askers out.
+    def refusals(jitter: float) -> int:
+        scenario = Scenario(nodes=50, image_bytes=64 * MiB, layers=2, node_up=100 * MiB,
+                            node_down=100 * MiB, registry_up=100 * MiB, seed=1,
+                            limits=Limits(piece_size=MiB, lookup_jitter=jitter))
+        return Cluster(scenario).run().scheduler["refusals"]
+
+    assert refusals(LOOKUP_JITTER) * 2 < refusals(0.0)
