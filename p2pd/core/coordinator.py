@@ -123,10 +123,14 @@ def _rarity_classes(availability: list[int]) -> list[int]:
     return masks
 
 
-def _score(bits: int, uncovered: int, needed: int, tiers: tuple[int, ...]) -> tuple[int, ...]:
-    """A candidate's sort key: most new pieces of the rarest class first, then the next..."""
-    new = bits & uncovered
-    return (*(-(new & tier).bit_count() for tier in tiers), -(bits & needed).bit_count())
+def _score(bits: int, uncovered: int, needed: int, tiers: tuple[int, ...], shift: int) -> int:
+    """A candidate's worth, higher first: its new pieces of the rarest class, then of the
+    next..., then all it has that the asker needs — each count ``shift`` bits wide (wider
+    than any count), so comparing the sums compares the counts in that order."""
+    new, score = bits & uncovered, 0
+    for tier in tiers:
+        score = score << shift | (new & tier).bit_count()
+    return score << shift | (bits & needed).bit_count()
 
 
 class BlobSwarm:
@@ -144,10 +148,13 @@ class BlobSwarm:
         self.held = 0  # bitfield of the pieces some live holder has
         self._counters = counters
         self._availability = [0] * self.count
-        # Whether each holder with pieces is complete, and lists to sample holders from
-        # (complete ones, partial ones); dicts keep a seeded rng's samples reproducible.
+        # Whether each holder with pieces is complete, and the lists to sample holders
+        # from (complete ones, partial ones), kept up to date in O(1) per change (a
+        # removal moves the last entry into the gap): a swarm of 10,000 holders changes
+        # all the time, and rebuilding the lists for the next lookup cost O(holders).
         self._complete: dict[str, bool] = {}
-        self._lists: tuple[list[str], list[str]] | None = None
+        self._lists: tuple[list[str], list[str]] = ([], [])
+        self._at: dict[str, int] = {}  # a holder's position in its list
         self._tiers: tuple[int, ...] | None = None
         self._table: tuple[bytes | None, ...] | None = None
         self._authoritative = 0  # pieces whose hash came from their fetcher
@@ -160,8 +167,14 @@ class BlobSwarm:
         if state is not None:
             self.holders[node_id] = state
         kind = state.complete if state is not None and (state.complete or new_bits) else None
-        if self._complete.pop(node_id, None) is not kind:
-            self._lists = None
+        was = self._complete.pop(node_id, None)
+        if was is not kind:
+            if was is not None:
+                self._unlist(node_id, was)
+            if kind is not None:
+                listed = self._lists[0 if kind else 1]
+                self._at[node_id] = len(listed)
+                listed.append(node_id)
         if kind is not None:
             self._complete[node_id] = kind
         if old_bits != new_bits:
@@ -173,6 +186,12 @@ class BlobSwarm:
                 emptied |= (not availability[index]) << index
             self.held = (self.held | new_bits) & ~emptied
             self._tiers = None
+
+    def _unlist(self, node_id: str, complete: bool) -> None:
+        listed, at = self._lists[0 if complete else 1], self._at.pop(node_id)
+        last = listed.pop()
+        if last != node_id:
+            listed[at], self._at[last] = last, at
 
     def prune(self, now: float, holder_ttl: float) -> None:
         """Drop expired holders, interest and leases; release the leases that are done."""
@@ -228,9 +247,6 @@ class BlobSwarm:
         """Record interest; choose holders for ``node_id`` (complete first, then rarest)."""
         self.interested[node_id] = now
         self.interested.move_to_end(node_id)
-        if self._lists is None:
-            self._lists = ([n for n, c in self._complete.items() if c],
-                           [n for n, c in self._complete.items() if not c])
         chosen = _sample(rng, self._lists[0], max_peers, node_id)
         if len(chosen) < max_peers:
             chosen += self._rarest(node_id, max_peers - len(chosen), self._lists[1], rng)
@@ -253,22 +269,24 @@ class BlobSwarm:
             self._tiers = tuple(_rarity_classes(self._availability))
         mine = self.holders.get(asker)
         tiers, needed = self._tiers, self.full & ~(mine.bits if mine else 0)
-        heap = [
-            (_score(bits, needed, needed, tiers), position, node_id, bits)
-            for position, node_id in enumerate(pool)
-            if (bits := self.holders[node_id].bits) & needed
-        ]
+        shift, places = self.count.bit_length() + 1, len(pool).bit_length()
+        holders = [self.holders[node_id].bits for node_id in pool]
+        # A heap entry is -score << places | position: the best score first, then the
+        # earliest position (a tie-break at random, the pool being in random order).
+        heap = [-_score(bits, needed, needed, tiers, shift) << places | position
+                for position, bits in enumerate(holders) if bits & needed]
         heapq.heapify(heap)
-        uncovered, picked = needed, list[str]()
+        uncovered, picked, low = needed, list[str](), (1 << places) - 1
         # Lazy greedy: scores only fall as pieces get covered, so a re-scored candidate
         # that still beats every (stale, higher) score in the heap is the best one.
         while heap and len(picked) < free:
-            _, position, node_id, bits = heapq.heappop(heap)
-            score = _score(bits, uncovered, needed, tiers)
-            if heap and (score, position) > heap[0][:2]:
-                heapq.heappush(heap, (score, position, node_id, bits))
+            position = heapq.heappop(heap) & low
+            bits = holders[position]
+            entry = -_score(bits, uncovered, needed, tiers, shift) << places | position
+            if heap and entry > heap[0]:
+                heapq.heappush(heap, entry)
                 continue
-            picked.append(node_id)
+            picked.append(pool[position])
             uncovered &= ~bits
         return picked
 

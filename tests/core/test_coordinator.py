@@ -552,3 +552,72 @@ TestCoordinatorMachine = CoordinatorMachine.TestCase
 TestCoordinatorMachine.settings = _machine_settings
 TestSplitCoordinatorMachine = SplitCoordinatorMachine.TestCase
 TestSplitCoordinatorMachine.settings = _machine_settings
+
+
+# -- lookups at scale: the same choice, cheaper ------------------------------------------
+
+
+def _greedy(pool: list[str], bits: dict[str, int], needed: int, tiers: tuple[int, ...],
+            free: int) -> list[str]:
+    """The specification of the partial holders a lookup picks: again and again, the one
+    with the most new pieces of the rarest class, then the next class..., then the most
+    pieces the asker needs; ties to the earliest in the pool."""
+    uncovered, picked = needed, []
+    candidates = [n for n in pool if bits[n] & needed]
+    while candidates and len(picked) < free:
+        def key(n: str) -> tuple[int, ...]:
+            new = bits[n] & uncovered
+            counts = [(new & tier).bit_count() for tier in tiers]
+            return (*counts, (bits[n] & needed).bit_count(), -pool.index(n))
+        best = max(candidates, key=key)
+        picked.append(best)
+        candidates.remove(best)
+        uncovered &= ~bits[best]
+    return picked
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 2**40 - 1), min_size=1, max_size=40), st.integers(1, 16),
+       st.integers(0, 2**40 - 1), st.integers(0, 2**32))
+def test_lookup_picks_partial_holders_greedily_by_rarity(
+    holdings: list[int], free: int, mine: int, seed: int,
+) -> None:
+    coordinator = make()
+    size = 40 * MiB
+    for i, held in enumerate(holdings):
+        coordinator.announce(DIGEST, size, f"n{i}", "", held, False, {}, 0.0)
+    coordinator.announce(DIGEST, size, "asker", "", mine, False, {}, 0.0)
+    swarm = coordinator._swarms[(DIGEST, size)]
+    partial, rng = swarm._lists[1], random.Random(seed)
+    twin = random.Random()
+    twin.setstate(rng.getstate())
+    pool = [n for n in twin.sample(partial, min(len(partial), 4 * free + 1))
+            if n != "asker"][:4 * free]
+    swarm._tiers = None
+    chosen = swarm._rarest("asker", free, partial, rng)
+    assert swarm._tiers is not None
+    bits = {n: h.bits for n, h in swarm.holders.items()}
+    assert chosen == _greedy(pool, bits, swarm.full & ~bits["asker"], swarm._tiers, free)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.integers(0, 9), st.sampled_from(["none", "some", "all", "gone"])),
+                max_size=60))
+def test_the_lists_lookups_sample_from_follow_every_change(
+    changes: list[tuple[int, str]],
+) -> None:
+    coordinator = make()
+    for node, change in changes:
+        if change == "gone":
+            coordinator.forget(f"n{node}")
+            continue
+        pieces = {"none": set(), "some": {node % 10}, "all": set(range(10))}[change]
+        announce(coordinator, f"n{node}", pieces, 0.0, complete=change == "all")
+    swarm = coordinator._swarms.get((DIGEST, SIZE))
+    if swarm is None:
+        return
+    complete = sorted(n for n, h in swarm.holders.items() if h.complete)
+    partial = sorted(n for n, h in swarm.holders.items() if not h.complete and h.bits)
+    assert sorted(swarm._lists[0]) == complete and sorted(swarm._lists[1]) == partial
+    for listed in swarm._lists:
+        assert all(swarm._at[n] == i for i, n in enumerate(listed))
