@@ -564,12 +564,13 @@ def _greedy(pool: list[str], bits: dict[str, int], needed: int, tiers: tuple[int
     pieces the asker needs; ties to the earliest in the pool."""
     uncovered, picked = needed, []
     candidates = [n for n in pool if bits[n] & needed]
+    def key(n: str, uncovered: int) -> tuple[int, ...]:
+        new = bits[n] & uncovered
+        counts = [(new & tier).bit_count() for tier in tiers]
+        return (*counts, (bits[n] & needed).bit_count(), -pool.index(n))
+
     while candidates and len(picked) < free:
-        def key(n: str) -> tuple[int, ...]:
-            new = bits[n] & uncovered
-            counts = [(new & tier).bit_count() for tier in tiers]
-            return (*counts, (bits[n] & needed).bit_count(), -pool.index(n))
-        best = max(candidates, key=key)
+        best = max(candidates, key=lambda n: key(n, uncovered))
         picked.append(best)
         candidates.remove(best)
         uncovered &= ~bits[best]
