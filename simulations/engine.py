@@ -1,6 +1,6 @@
 """A discrete-event engine: a virtual clock, a heap of timed callbacks, a seeded rng.
 
-How it works: :meth:`Engine.schedule` pushes ``(time, seq, timer)`` on a heap; ``seq``
+How it works: :meth:`Engine.schedule` pushes a timer ordered by ``(time, seq)`` on a heap; ``seq``
 grows with every push, so callbacks due at the same time run in the order they were
 scheduled and a seed plus the same calls always gives the same run. :meth:`Engine.run`
 pops the earliest timer, moves the clock to its time and calls it. Cancelling a timer
@@ -37,21 +37,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Callback = Callable[[], None]
-Entry = tuple[float, int, "Timer"]
 
 BUCKET = 1e-4
 """Seconds of virtual time per bucket of the calendar queue (see the module docstring)."""
 
 
 class Timer:
-    """A scheduled callback; :meth:`cancel` stops it from running."""
+    """A scheduled callback; :meth:`cancel` stops it from running. Timers order by
+    ``(time, seq)``: the heaps hold them directly."""
 
-    __slots__ = ("callback", "cancelled", "time")
+    __slots__ = ("callback", "cancelled", "seq", "time")
 
-    def __init__(self, time: float, callback: Callback) -> None:
+    def __init__(self, time: float, seq: int, callback: Callback) -> None:
         self.time = time
+        self.seq = seq
         self.callback = callback
         self.cancelled = False
+
+    def __lt__(self, other: Timer) -> bool:
+        return self.time < other.time or (self.time == other.time and self.seq < other.seq)
 
     def cancel(self) -> None:
         """Do not run the callback (harmless if it already ran)."""
@@ -74,11 +78,11 @@ class Engine:
     def __init__(self, seed: int) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
-        self._heap: list[Entry] = []  # the earliest bucket's timers (a heap)
+        self._heap: list[Timer] = []  # the earliest bucket's timers (a heap)
         self._heap_key = -1  # its number (timers up to it go into ``_heap``)
-        self._buckets: dict[int, list[Entry]] = {}  # later timers, by bucket number
+        self._buckets: dict[int, list[Timer]] = {}  # later timers, by bucket number
         self._keys: list[int] = []  # the numbers of ``_buckets`` (a heap)
-        self._due: deque[tuple[int, Timer]] = deque()  # (seq, timer), all due at ``now``
+        self._due: deque[Timer] = deque()  # all due at ``now``, in ``seq`` order
         self._seq = 0
         self._events = 0
         self._cancelled = 0
@@ -95,21 +99,21 @@ class Engine:
         now = self.now
         if not time >= now:
             raise ValueError(f"cannot schedule at {time!r}, before now ({now})")
-        timer = Timer(time, callback)
         seq = self._seq = self._seq + 1
+        timer = Timer(time, seq, callback)
         if time == now:
-            self._due.append((seq, timer))
+            self._due.append(timer)
             return timer
         key = int(time / BUCKET)
         if key <= self._heap_key:
-            heapq.heappush(self._heap, (time, seq, timer))
+            heapq.heappush(self._heap, timer)
             return timer
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [(time, seq, timer)]
+            self._buckets[key] = [timer]
             heapq.heappush(self._keys, key)
         else:
-            bucket.append((time, seq, timer))
+            bucket.append(timer)
         return timer
 
     def _refill(self) -> None:
@@ -143,14 +147,14 @@ class Engine:
             if not heap and self._keys:
                 self._refill()
                 heap = self._heap
-            if due and not (heap and heap[0][0] == self.now and heap[0][1] < due[0][0]):
-                timer = popleft()[1]
+            if due and not (heap and heap[0].time == self.now and heap[0].seq < due[0].seq):
+                timer = popleft()
             elif heap:
-                if heap[0][0] > limit:
+                if heap[0].time > limit:
                     self.now = limit
                     return limit
-                time, _, timer = pop(heap)
-                self.now = time
+                timer = pop(heap)
+                self.now = timer.time
             else:
                 break
             if timer.cancelled:

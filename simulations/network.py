@@ -54,7 +54,7 @@ def _nothing() -> None:
 class Resource:
     """One direction of a host's access link: a capacity and the flows through it."""
 
-    __slots__ = ("capacity", "flows", "name", "total")
+    __slots__ = ("capacity", "flows", "name", "number", "total")
 
     def __init__(self, name: str, capacity: float) -> None:
         if not capacity > 0:
@@ -63,6 +63,7 @@ class Resource:
         self.capacity = capacity
         self.flows: dict[Flow, None] = {}  # insertion-ordered: deterministic
         self.total = 0.0  # sum of the rates of ``flows``
+        self.number = -1  # scratch for max_min_rates: its position there, -1 outside
 
 
 class Host:
@@ -296,29 +297,33 @@ class Network:
 def max_min_rates(region: list[Flow]) -> list[float]:
     """Max-min fair rates for ``region`` by progressive filling, with every flow outside
     it frozen at its current rate (each resource offers the region what they leave)."""
-    number: dict[Resource, int] = {}  # resource -> its position, first seen first
+    seen: list[Resource] = []  # resources by position, first seen first (``number``)
     members: list[list[int]] = []
     avail: list[float] = []
     ends: list[tuple[int, int]] = []
     for i, flow in enumerate(region):
         rate, up, down = flow.rate, flow.src.up, flow.dst.down
-        a = number.get(up)
-        if a is None:
-            a = number[up] = len(members)
+        a = up.number
+        if a < 0:
+            a = up.number = len(members)
+            seen.append(up)
             members.append([i])
             avail.append(up.capacity - up.total + rate)  # the region's own rates are
         else:                                            # up for grabs
             members[a].append(i)
             avail[a] += rate
-        b = number.get(down)
-        if b is None:
-            b = number[down] = len(members)
+        b = down.number
+        if b < 0:
+            b = down.number = len(members)
+            seen.append(down)
             members.append([i])
             avail.append(down.capacity - down.total + rate)
         else:
             members[b].append(i)
             avail[b] += rate
         ends.append((a, b))
+    for resource in seen:
+        resource.number = -1
     unfrozen = [len(m) for m in members]
     inf = math.inf
     # ties: first seen first, reproducibly; unlimited resources never freeze anything
