@@ -2,8 +2,10 @@
 
 How it works. For every node count and image size asked for (by default N = 4, 8, 16
 and 32 and 64 MiB), one :class:`~simulations.cluster.Scenario` is run twice: emulated
-with real daemons (:func:`simulations.emulate.emulate`, p2p mode) and simulated
-(:func:`simulations.cluster.run_p2p`); ``--direct`` adds the same pair for the direct
+with real daemons (:func:`simulations.emulate.emulate`, p2p mode, :data:`REPEAT` times)
+and simulated (:func:`simulations.cluster.run_p2p`, with :data:`SEEDS` seeds); each
+side's figure is the median of its runs, since single runs vary by a third to half of
+the tolerance; ``--direct`` adds the same pair for the direct
 baseline (:func:`~simulations.cluster.run_direct`), which checks the emulated network
 against the simulated one without the daemons in the way. A :class:`Row` holds both
 results; it agrees when the simulated p50 and max completion times are each within
@@ -51,19 +53,29 @@ NODE_RATE = 3 * MiB
 """Default node link (up and down; the registry twice it). At 4 MiB/s the 16-node rows
 kept both cores 87-92 % busy and the 16 x 64 MiB one came out at 0.83 of the
 emulation: the lab measured its CPU, not the network. At 3 MiB/s every row agrees."""
+REPEAT = 3
+"""Emulated runs per scenario: one run's p50 varies by up to ±7 % (4 nodes x 32 MiB:
+14.1-16.5 s over five runs), half the tolerance."""
+SEEDS = 5
+"""Simulated seeds per scenario: the simulation's p50 varies by ±5 % between seeds."""
 CALIBRATION_RATE = 200 * MiB  # links of the unpack calibration: the fetch is short
 CALIBRATION_RUNS = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One scenario, emulated and simulated."""
+    """One scenario, emulated ``len(emulations)`` times and simulated with
+    ``len(simulations)`` seeds; each side's figure is the median of its runs."""
 
     scenario: Scenario
-    emulation: Emulation
-    simulated: Result
+    emulations: tuple[Emulation, ...]
+    simulations: tuple[Result, ...]
     mode: str = "p2p"
     sim_scenario: Scenario | None = None  # if it differs from ``scenario`` (unpacking)
+
+    def __post_init__(self) -> None:
+        if not self.emulations or not self.simulations:
+            raise ValueError("a row needs at least one emulation and one simulation")
 
     @property
     def unpack(self) -> float | None:
@@ -76,37 +88,49 @@ class Row:
         return self.sim_scenario or self.scenario
 
     @property
-    def emulated(self) -> Result:
-        """The emulation's figures."""
-        return self.emulation.result
+    def emulation(self) -> Emulation:
+        """The first emulation (how the lab was set up is the same for all)."""
+        return self.emulations[0]
+
+    def emulated(self, q: float) -> float:
+        """The emulations' completion at quantile ``q`` (1.0: the max), their median."""
+        return statistics.median(e.result.percentile(q) for e in self.emulations)
+
+    def simulated(self, q: float) -> float:
+        """The simulations' completion at quantile ``q``, the median over the seeds."""
+        return statistics.median(r.percentile(q) for r in self.simulations)
 
     def ratio(self, q: float) -> float:
         """Simulated over emulated completion at quantile ``q`` (1.0: the max)."""
-        return self.simulated.percentile(q) / self.emulated.percentile(q)
+        return self.simulated(q) / self.emulated(q)
 
     def agrees(self, tolerance: float = TOLERANCE) -> bool:
         """Whether p50 and max are both within ``tolerance`` of the emulation's."""
         return all(abs(self.ratio(q) - 1) <= tolerance for q in (0.5, 1.0))
 
     def summary(self, tolerance: float = TOLERANCE) -> dict[str, object]:
-        """The row's figures (JSON-ready)."""
-        emu, sim, sc = self.emulated, self.simulated, self.scenario
+        """The row's figures (JSON-ready): medians, and every run's own."""
+        sc, sims, emus = self.scenario, self.simulations, self.emulations
+
+        def figures(q: float) -> dict[str, object]:
+            return {"emulated": self.emulated(q), "simulated": self.simulated(q),
+                    "ratio": self.ratio(q),
+                    "emulated_runs": [e.result.percentile(q) for e in emus],
+                    "simulated_seeds": [r.percentile(q) for r in sims]}
+
         return {
             "mode": self.mode, "nodes": sc.nodes, "image_bytes": sc.image_bytes,
-            "layers": sc.layers,
-            "p50": {"emulated": emu.percentile(0.5), "simulated": sim.percentile(0.5),
-                    "ratio": self.ratio(0.5)},
-            "max": {"emulated": emu.makespan, "simulated": sim.makespan,
-                    "ratio": self.ratio(1.0)},
-            "registry_bytes": {"emulated": emu.registry_bytes,
-                               "simulated": sim.registry_bytes},
-            "bytes_by_source": {"emulated": emu.bytes_by_source,
-                                "simulated": sim.bytes_by_source},
-            "bound": sim.bound, "agrees": self.agrees(tolerance),
+            "layers": sc.layers, "p50": figures(0.5), "max": figures(1.0),
+            "registry_bytes": {"emulated": [e.result.registry_bytes for e in emus],
+                               "simulated": [r.registry_bytes for r in sims]},
+            "bytes_by_source": {"emulated": [e.result.bytes_by_source for e in emus],
+                                "simulated": [r.bytes_by_source for r in sims]},
+            "bound": sims[0].bound, "agrees": self.agrees(tolerance),
+            "seeds": [self.simulated_scenario.seed + k for k in range(len(sims))],
             "unpack": {"simulated_rate": self.unpack,
                        "shared_cores": self.simulated_scenario.shared_cores,
-                       "emulated_seconds": list(self.emulation.unpack)},
-            "emulation": self.emulation.summary()["emulation"],
+                       "emulated_seconds": [list(e.unpack) for e in emus]},
+            "emulations": [e.summary()["emulation"] for e in emus],
         }
 
 
@@ -168,13 +192,16 @@ def run_validation(scenario_list: Sequence[Scenario], *, workdir: Path | None = 
                    log: Log = print, fetch_only: bool = False,
                    tolerance: float = TOLERANCE,
                    modes: Sequence[str] = ("p2p",), unpack: float | str | None = "auto",
-                   cores: int | None = None) -> Validation:
-    """Emulate and simulate every scenario in every mode in turn (see the module).
+                   cores: int | None = None, repeat: int = 1, seeds: int = 1) -> Validation:
+    """Emulate every scenario in every mode ``repeat`` times and simulate it with
+    ``seeds`` seeds (the scenario's and the next ones), in turn (see the module).
 
     ``unpack``: the simulated unpack rate (bytes/s on one core), ``"auto"`` to measure
     it first (:func:`calibrate_unpack`) or ``None`` not to model it; the nodes share
     ``cores`` (default: this machine's CPUs). Nothing is unpacked with ``fetch_only``.
     """
+    if repeat < 1 or seeds < 1:
+        raise ValueError("repeat and seeds must be at least 1")
     began, rows = time.monotonic(), []
     calibration: tuple[float, ...] = ()
     rate: float | None = None
@@ -190,27 +217,33 @@ def run_validation(scenario_list: Sequence[Scenario], *, workdir: Path | None = 
     runs = [(scenario, mode) for scenario in scenario_list for mode in modes]
     for k, (scenario, mode) in enumerate(runs):
         log(f"[{k + 1}/{len(runs)}] {mode}: {scenario.nodes} nodes, "
-            f"{scenario.image_bytes / MiB:.0f} MiB in {scenario.layers} layers")
-        emulation = emulate(scenario, log=log, fetch_only=fetch_only, mode=mode,
-                            workdir=None if workdir is None else workdir / f"run{k}")
+            f"{scenario.image_bytes / MiB:.0f} MiB in {scenario.layers} layers"
+            f"{f', {repeat} runs' if repeat > 1 else ''}")
+        emulations = tuple(
+            emulate(scenario, log=log, fetch_only=fetch_only, mode=mode,
+                    workdir=None if workdir is None else workdir / f"run{k}.{r}")
+            for r in range(repeat))
         modelled = scenario if rate is None else \
             replace(scenario, unpack=rate, shared_cores=shared)
-        simulated = run_p2p(modelled) if mode == "p2p" else run_direct(modelled)
-        rows.append(Row(scenario, emulation, simulated, mode,
+        simulate = run_p2p if mode == "p2p" else run_direct
+        simulations = tuple(simulate(replace(modelled, seed=modelled.seed + s))
+                            for s in range(seeds))
+        rows.append(Row(scenario, emulations, simulations, mode,
                         None if modelled is scenario else modelled))
         log("  " + _line(rows[-1], tolerance))
     return Validation(tuple(rows), tolerance, time.monotonic() - began, calibration)
 
 
 def _line(row: Row, tolerance: float) -> str:
-    emu, sim, sc = row.emulated, row.simulated, row.scenario
+    sc, emus, sims = row.scenario, row.emulations, row.simulations
+    egress_emu = statistics.median(e.result.registry_bytes for e in emus) / sc.image_bytes
+    egress_sim = statistics.median(r.registry_bytes for r in sims) / sc.image_bytes
     return (f"{row.mode:>6} {sc.nodes:>3} {sc.image_bytes / MiB:>5.0f} | "
-            f"{emu.percentile(0.5):7.2f} {sim.percentile(0.5):7.2f} {row.ratio(0.5):5.2f} | "
-            f"{emu.makespan:7.2f} {sim.makespan:7.2f} {row.ratio(1.0):5.2f} | "
-            f"{emu.registry_bytes / sc.image_bytes:5.2f} "
-            f"{sim.registry_bytes / sc.image_bytes:5.2f} | {sim.bound:6.2f} | "
-            f"{row.emulation.load:4.0%} {row.emulation.busy:4.0%} | "
-            f"{max(row.emulation.unpack, default=0.0):5.2f} | "
+            f"{row.emulated(0.5):7.2f} {row.simulated(0.5):7.2f} {row.ratio(0.5):5.2f} | "
+            f"{row.emulated(1.0):7.2f} {row.simulated(1.0):7.2f} {row.ratio(1.0):5.2f} | "
+            f"{egress_emu:5.2f} {egress_sim:5.2f} | {sims[0].bound:6.2f} | "
+            f"{max(e.load for e in emus):4.0%} {max(e.busy for e in emus):4.0%} | "
+            f"{max(max(e.unpack, default=0.0) for e in emus):5.2f} | "
             f"{'yes' if row.agrees(tolerance) else 'NO'}")
 
 
@@ -230,6 +263,9 @@ def format_validation(validation: Validation) -> str:
         lines.append("simulated unpacking: " + (
             f"{modelled.unpack / MiB:.0f} MiB/s on one core, {modelled.shared_cores} cores "
             "shared by all nodes" if modelled.unpack else "not modelled"))
+        lines.append(f"each figure the median of {len(rows[0].emulations)} emulated run(s) "
+                     f"and of {len(rows[0].simulations)} simulated seed(s); CPU: the busiest "
+                     "run")
     lines += [
         "  mode   N   MiB |   p50 s: emu     sim ratio |   max s: emu     sim ratio | "
         "egress xF: emu sim | bound | CPU lab all | unpack s emu max | within",
@@ -238,6 +274,13 @@ def format_validation(validation: Validation) -> str:
         f"{validation.tolerance:.0%} (p50 and max); validate wall {validation.wall:.0f} s",
     ]
     return "\n".join(lines)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return value
 
 
 def add_validate_parser(
@@ -262,7 +305,11 @@ def add_validate_parser(
                         help="one-way link latency the simulation assumes, ms")
     parser.add_argument("--registry-latency", type=float, default=2.0,
                         help="registry time to answer that the simulation assumes, ms")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first simulated seed")
+    parser.add_argument("--seeds", type=_at_least_one, default=SEEDS,
+                        help="simulate each scenario with this many seeds (median)")
+    parser.add_argument("--repeat", type=_at_least_one, default=REPEAT,
+                        help="emulate each scenario this many times (median)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--fetch-only", action="store_true",
                         help="ctr content fetch (no unpacking) instead of ctr images pull")
@@ -299,7 +346,7 @@ def validate_command(args: argparse.Namespace) -> int:
         validation = run_validation(chosen, workdir=args.workdir, log=log,
                                     fetch_only=args.fetch_only, tolerance=args.tolerance,
                                     modes=("p2p", "direct") if args.direct else ("p2p",),
-                                    unpack=unpack)
+                                    unpack=unpack, repeat=args.repeat, seeds=args.seeds)
     except EmulationError as exc:
         print(f"validate: {exc}", file=sys.stderr)
         return 2

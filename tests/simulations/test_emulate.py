@@ -105,13 +105,36 @@ def test_a_row_agrees_when_p50_and_max_are_both_within_the_tolerance() -> None:
     emulation = Emulation(result=emulated, ingress="ifb", pull="ctr images pull", setup=1.0,
                           teardown=0.5, starts=(0.0, 0.0, 0.0), node_rx=(1, 1, 1),
                           cpu={"p2pd": 1.0}, load=0.2, busy=0.3, namespaces=())
-    close = Row(SMALL, emulation, _result("p2p", (4.0, 5.5, 6.6)))
+    close = Row(SMALL, (emulation,), (_result("p2p", (4.0, 5.5, 6.6)),))
     assert close.ratio(0.5) == pytest.approx(1.1) and close.agrees()
-    assert not Row(SMALL, emulation, _result("p2p", (4.0, 5.0, 7.0))).agrees()  # max 1.17
+    assert not Row(SMALL, (emulation,), (_result("p2p", (4.0, 5.0, 7.0)),)).agrees()  # max 1.17
     validation = Validation((close,), 0.15, 12.0)
     assert validation.agrees and validation.summary()["rows"][0]["agrees"]  # type: ignore[index]
     table = format_validation(validation)
     assert "1 of 1 rows within 15%" in table and "ifb" in table
+
+
+def test_a_row_compares_the_medians_of_its_runs_and_seeds() -> None:
+    def emulated(*completion: float) -> Emulation:
+        return Emulation(result=_result("emulation-p2p", completion), ingress="ifb",
+                         pull="ctr images pull", setup=1.0, teardown=0.5,
+                         starts=(0.0,) * len(completion), node_rx=(1,) * len(completion),
+                         cpu={"p2pd": 1.0}, load=0.2, busy=0.3, namespaces=())
+
+    # one emulated run was slow (p50 9): the median run is the middle one
+    runs = (emulated(4.0, 5.0, 6.0), emulated(8.0, 9.0, 10.0), emulated(3.0, 4.0, 5.0))
+    seeds = tuple(_result("p2p", (4.0, p50, 6.0)) for p50 in (5.6, 4.4, 5.2, 5.4, 4.8))
+    row = Row(SMALL, runs, seeds)
+    assert row.emulated(0.5) == 5.0 and row.simulated(0.5) == 5.2
+    assert row.emulated(1.0) == 6.0 and row.simulated(1.0) == 6.0
+    assert row.agrees() and not Row(SMALL, runs[1:2], seeds).agrees()
+    figures = row.summary()["p50"]
+    assert figures["emulated_runs"] == [5.0, 9.0, 4.0]  # type: ignore[index]
+    assert figures["simulated_seeds"] == [5.6, 4.4, 5.2, 5.4, 4.8]  # type: ignore[index]
+    assert "median of 3 emulated run(s) and of 5 simulated seed(s)" in format_validation(
+        Validation((row,), 0.15, 1.0))
+    with pytest.raises(ValueError):
+        Row(SMALL, (), seeds)
     assert [s.nodes for s in scenarios((4, 8), (32.0,))] == [4, 8]
 
 
