@@ -1,8 +1,8 @@
 """A discrete-event engine: a virtual clock, a heap of timed callbacks, a seeded rng.
 
-How it works: :meth:`Engine.schedule` pushes a timer ordered by ``(time, seq)`` on a heap; ``seq``
-grows with every push, so callbacks due at the same time run in the order they were
-scheduled and a seed plus the same calls always gives the same run. :meth:`Engine.run`
+How it works: :meth:`Engine.schedule` pushes a timer, ordered by ``(time, seq)``, on a
+heap; ``seq`` grows with every push, so callbacks due at the same time run in the order
+they were scheduled and a seed plus the same calls always gives the same run. :meth:`Engine.run`
 pops the earliest timer, moves the clock to its time and calls it. Cancelling a timer
 only marks it (lazy deletion): the heap skips it when it comes up, which keeps
 ``cancel`` O(1) for the network model, which reschedules flow finish times constantly.
