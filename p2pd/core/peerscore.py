@@ -115,6 +115,10 @@ class InFlight:
         if request is not None:
             request.last = now
 
+    def due(self, now: float) -> bool:
+        """Whether :meth:`expire` may have something to do at ``now`` (cheap)."""
+        return bool(self._timers) and self._timers[0][0] <= now
+
     def expire(self, now: float) -> list[tuple[PeerId, int]]:
         """Remove and return the requests without progress for ``timeout`` (halving the
         allowance of their peers), in order of expiry."""

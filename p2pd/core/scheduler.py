@@ -301,11 +301,13 @@ class Scheduler:
 
     def tick(self, now: float) -> None:
         """Expire requests without progress for ``request_timeout``; end upstream holds."""
-        for peer_id, index in self._asked.expire(now):
-            self._timeouts += 1
-            self._scores.record_timeout(peer_id)
-            self._dirty[peer_id] = None
-            self._forget_piece(peer_id, index)
+        asked = self._asked
+        if asked.due(now):
+            for peer_id, index in asked.expire(now):
+                self._timeouts += 1
+                self._scores.record_timeout(peer_id)
+                self._dirty[peer_id] = None
+                self._forget_piece(peer_id, index)
         heap, resting = self._rest_heap, self._resting
         while heap and heap[0][0] <= now:
             until, peer_id = heapq.heappop(heap)
@@ -313,10 +315,11 @@ class Scheduler:
                 del resting[peer_id]
                 if peer_id in self._masks:
                     self._dirty[peer_id] = None
-        for index, when in list(self._hold.items()):
-            if when <= now:
-                del self._hold[index]
-                self._hold_mask ^= 1 << index
+        if self._hold:
+            for index, when in list(self._hold.items()):
+                if when <= now:
+                    del self._hold[index]
+                    self._hold_mask ^= 1 << index
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -327,10 +330,11 @@ class Scheduler:
             for peer_id in [p for p in self._masks if self._scores.is_banned(p)]:
                 self._remove_peer(peer_id, cancel=True)
         actions, self._outbox = self._outbox, []
-        dirty, self._dirty = self._dirty, {}
-        for peer_id in dirty:
-            if peer_id in self._masks:
-                self._fill(peer_id, now, False, actions)
+        if self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for peer_id in dirty:
+                if peer_id in self._masks:
+                    self._fill(peer_id, now, False, actions)
         if self.in_endgame:
             for peer_id in [*self._idle, *self._starved]:
                 self._fill(peer_id, now, True, actions)
@@ -375,11 +379,16 @@ class Scheduler:
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has something to do (``None``: nothing is timed)."""
-        times = [*self._hold.values()]
+        deadline = self._asked.next_deadline()  # the earliest of three, allocating nothing
         if self._rest_heap:
-            times.append(self._rest_heap[0][0])
-        deadline = self._asked.next_deadline()
-        return min(times if deadline is None else [deadline, *times], default=None)
+            rest = self._rest_heap[0][0]
+            if deadline is None or rest < deadline:
+                deadline = rest
+        if self._hold:
+            hold = min(self._hold.values())
+            if deadline is None or hold < deadline:
+                deadline = hold
+        return deadline
 
     @property
     def done(self) -> bool:

@@ -443,6 +443,7 @@ def test_in_flight_book() -> None:
     assert 1 in book and len(book) == 2 and book.askers(1) == ("a", "b")
     assert book.free("a") == 1 and book.asked("a", 1) and not book.asked("a", 2)
     book.progress("b", 1, 3.0)
+    assert not book.due(4.9) and book.due(5.0)
     assert book.expire(5.0) == [("a", 1)] and book.free("a") == 1
     assert book.next_deadline() == 8.0
     assert book.forget("b") == [1] and len(book) == 0 and book.next_deadline() is None
