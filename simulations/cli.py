@@ -86,6 +86,9 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
                         help="layers containerd pulls at once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exact", action="store_true", help="exact max-min rates (slow)")
+    parser.add_argument("--free-coordinators", action="store_true",
+                        help="coordinators answer at once, however many nodes ask (by "
+                             "default each message costs its coordinator CPU time)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -148,7 +151,7 @@ def scenario_from(args: argparse.Namespace, nodes: int | None = None) -> Scenari
         arrival=args.arrival, batch=args.batch / 100, stagger=args.stagger,
         failures=args.failures, fail_at=args.fail_at, limits=limits,
         unpack=args.unpack * MiB if args.unpack else None, shared_cores=args.shared_cores,
-        seed=args.seed, exact=args.exact,
+        seed=args.seed, exact=args.exact, coordinator_cpu=not args.free_coordinators,
     )
 
 

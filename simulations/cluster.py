@@ -72,6 +72,10 @@ class Scenario:
     # the nodes share this many cores for unpacking (the emulation's machine: one
     # host runs every node); None: each node unpacks on its own CPU.
     shared_cores: int | None = None
+    # coordinators spend CPU on every lookup, lease request and announcement (one core,
+    # first come first served; ``simulations.node.COORDINATOR_CPU``); False: they answer
+    # at once, however many nodes ask
+    coordinator_cpu: bool = True
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -401,6 +405,7 @@ class Cluster:
                     sched[key] = sched.get(key, 0) + getattr(s, key)
                 sched["cancels_ignored"] = sched.get("cancels_ignored", 0) \
                     + download.cancels_ignored
+                sched["rpc_timeouts"] = sched.get("rpc_timeouts", 0) + download.timeouts
         leases = sum(n.coordinator.statistics().leases_granted for n in self.nodes.values())
         return Result(
             mode="p2p", nodes=len(self.nodes), image_bytes=self.scenario.image_bytes,

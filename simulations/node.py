@@ -52,6 +52,7 @@ Simplifications (each a deliberate difference from the daemon):
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -70,6 +71,7 @@ from p2pd.core.tuning import (
     LEASE_DEFER,
     LEASE_RETRY,
     LEASE_TTL,
+    LOOKUP_INTERVAL,
     LOOKUP_JITTER,
     MAX_IN_FLIGHT,
     MAX_UPLOADS,
@@ -77,6 +79,7 @@ from p2pd.core.tuning import (
     MIN_IN_FLIGHT,
     MISSING_RETRY,
     REANNOUNCE,
+    RPC_TIMEOUT,
     STUCK_AFTER,
     lookup_wait,
     request_share,
@@ -91,6 +94,15 @@ __all__ = ["BlobDownload", "BlobSpec", "Coordinator", "PieceLayout", "Scheduler"
 
 CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
+_LOOKUP, _LEASE = "lookup", "lease"
+
+COORDINATOR_CPU = {"lookup": (300e-6, 0.3e-6), "announce": (27e-6, 0.67e-6),
+                   "lease": (27e-6, 0.67e-6)}
+"""Seconds of one core a coordinator spends on a message: ``fixed + per_piece x pieces``
+of the blob. Fitted to ``python -m benchmarks.bench_coordinator --holders 4096`` (the
+daemon's own path from frame to answer frame, socket I/O left out, so a lower bound):
+lookups 323 / 386 / 419 µs and announcements 65 / 175 / 284 µs at 64 / 256 / 384 pieces.
+A lease request is taken to cost what an announcement does (it was not measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +170,7 @@ class SimNode:
         self._active: list[BlobDownload] = []
         self.dead: set[str] = set()  # peers found dead (membership)
         self.crashed = False
+        self.cpu_free = 0.0  # when this node's coordinator is through its queued work
         self.done_at: float | None = None
         self.started_at: float | None = None
 
@@ -221,25 +234,54 @@ class SimNode:
     # -- RPCs ---------------------------------------------------------------------------
 
     def call(self, target: SimNode, query: Callable[[], object],
-             answer: Callable[[object], None] | None) -> None:
+             answer: Callable[[object], None] | None, *, cost: float = 0.0,
+             timeout: Callable[[], None] | None = None) -> None:
         """Run ``query`` at ``target`` one latency from now and, if ``answer`` is given,
-        hand it the result one more latency later (at once if ``target`` is us). A dead
-        target never answers (the daemon's call times out; the loop goes on)."""
-        if target is self:
+        hand it the result one more latency later (at once if ``target`` is us).
+
+        ``cost``: the seconds of the target's core the query takes. The target works
+        through such queries one at a time, in the order they were sent, so the query
+        runs when the target's core is free and ``cost`` has passed. ``timeout`` runs
+        instead of ``answer`` if the answer would come more than :data:`RPC_TIMEOUT`
+        after the call, or never (a dead target); the query still costs the target."""
+        engine = self.engine
+        if target is self and not cost:
             result = query()
             if answer is not None:
                 answer(result)
             return
-        delay = self.network.latency(self.host, target.host)
+        delay = 0.0 if target is self else self.network.latency(self.host, target.host)
+        sent = engine.now
+        at = sent + delay
+        if cost:
+            at = target.cpu_free = max(at, target.cpu_free) + cost
+        late = timeout is not None and at + delay - sent > RPC_TIMEOUT
+        if late:
+            assert timeout is not None
+            engine.schedule_at(sent + RPC_TIMEOUT, timeout)
 
         def arrive() -> None:
             if target.crashed:
+                if timeout is not None and not late:
+                    engine.schedule_at(sent + RPC_TIMEOUT, timeout)
                 return
             result = query()
-            if answer is not None:
-                self.engine.schedule(delay, lambda: answer(result) if not self.crashed else None)
+            if answer is None or late:
+                return
+            if delay:
+                engine.schedule(delay, lambda: answer(result) if not self.crashed else None)
+            else:
+                answer(result)
 
-        self.engine.schedule(delay, arrive)
+        engine.schedule_at(at, arrive)
+
+    def cpu_cost(self, kind: str, pieces: int) -> float:
+        """The coordinator's CPU for one ``kind`` of message about a blob of ``pieces``
+        (0 when the scenario leaves coordinators free)."""
+        if not self.cluster.scenario.coordinator_cpu:
+            return 0.0
+        fixed, per_piece = COORDINATOR_CPU[kind]
+        return fixed + per_piece * pieces
 
     # -- the upload side ----------------------------------------------------------------
 
@@ -374,11 +416,15 @@ class BlobDownload:
         self.next_lookup = self.next_lease = 0.0
         self.deferred = False  # the first lease request, while the node fetches another blob
         self.lease_asked: float | None = None  # when a lease request went out, unanswered
+        self.awaiting: str | None = None  # _LOOKUP or _LEASE: the loop awaits its answer
+        self.resumed = False  # the lease answer came: the turn goes on past the lease
+        self.looked_up = False  # the first lookup was answered
         self.announce_due = False
         self._announcer: Timer | None = None
         self._wake: Timer | None = None  # the next timed turn of the loop
         self._soon: Timer | None = None  # a turn at this instant (poked)
         self.cancels_ignored = 0
+        self.timeouts = 0  # lookups and lease requests the coordinator did not answer in time
         self.completed = False
         # What each peer was last fed with: feeding the same bits again is a no-op unless
         # a refusal or a timeout has made the scheduler forget pieces since (refusals
@@ -425,20 +471,30 @@ class BlobDownload:
     def step(self) -> None:
         """One turn of the download loop."""
         sched, now = self.sched, self.engine.now
-        if self.completed:
-            return
+        if self.completed or self.awaiting:
+            return  # the answer (or its timeout) runs the loop again
+        # The daemon awaits its first lookup before the first turn; later ones run beside
+        # the loop, one at a time, each ``lookup_wait`` after the last answer
+        # (``next_lookup`` is infinite while one is out). The loop awaits a lease answer
+        # inline, then carries on with the same turn (``resumed``).
+        resumed, self.resumed = self.resumed, False
         if now >= self.next_lookup and not self.solo:
+            self.next_lookup = math.inf
             self._lookup()
-            self.next_lookup = now + lookup_wait(self.node.rng, self.node.limits.lookup_jitter)
+            if not self.looked_up:
+                self.awaiting = _LOOKUP
+                return
         wanted = sched.wants_lease
-        if wanted and now >= self.next_lease:
+        if wanted and now >= self.next_lease and not resumed:
             if self.node.leasing(besides=self):
                 pass  # one lease request at a time: its answer pokes us
             elif not self.deferred and self.node.fetching_upstream(besides=self):
                 self.deferred, self.next_lease = True, now + LEASE_DEFER
             else:
-                self._lease()
                 self.next_lease = now + LEASE_RETRY
+                self.awaiting = _LEASE
+                self._lease()
+                return
         if now - self.last_progress > STUCK_AFTER and not sched.in_flight:
             self.upstream = range(self.layout.count)
             sched.set_upstream_range(0, self.layout.count)
@@ -459,8 +515,9 @@ class BlobDownload:
         if sched.done:
             self._complete()
             return
-        deadline = sched.next_deadline()
-        deadline = self.next_lookup if deadline is None else min(deadline, self.next_lookup)
+        # the daemon's loop looks at the clock at least every LOOKUP_INTERVAL
+        deadline = min(sched.next_deadline() or math.inf, self.next_lookup,
+                       now + LOOKUP_INTERVAL)
         at, wake = max(deadline, now + MIN_WAIT), self._wake
         if wake is not None and now < wake.time <= at:
             return  # an earlier turn is due anyway; it sets the next one
@@ -487,12 +544,38 @@ class BlobDownload:
         def query() -> object:
             return coordinator.lookup(blob.digest, blob.size, name, self.engine.now)
 
-        self.node.call(target, query, self._peers)
+        self.node.call(target, query, self._peers, timeout=partial(self._unreachable, _LOOKUP),
+                       cost=target.cpu_cost("lookup", self.layout.count))
+
+    def _answered(self, kind: str) -> None:
+        """The answer to ``kind`` (or its timeout) came: the loop goes on if it waited."""
+        if self.awaiting == kind:
+            self.awaiting = None
+            self.resumed = kind == _LEASE
+        if kind == _LEASE:
+            self._lease_answered()
+        else:
+            self.looked_up = True
+
+    def _unreachable(self, kind: str) -> None:
+        """A lookup or lease request went unanswered for ``RPC_TIMEOUT``: go on without
+        the coordinator, as the daemon does (solo: upstream for what no known peer has)."""
+        self._answered(kind)
+        if self.completed:
+            return
+        self.solo = True
+        self.upstream = range(self.layout.count)
+        self.sched.set_upstream_range(0, self.layout.count)
+        self.timeouts += 1
+        self.poke()
 
     def _peers(self, answer: object) -> None:
         assert isinstance(answer, PeerList)
+        self._answered(_LOOKUP)
         if self.completed:
             return
+        self.next_lookup = self.engine.now + lookup_wait(self.node.rng,
+                                                         self.node.limits.lookup_jitter)
         now = self.engine.now
         fed, sched, me = self._fed, self.sched, self.node.name
         for holder in answer.holders:
@@ -540,7 +623,8 @@ class BlobDownload:
             return coordinator.request_lease(blob.digest, blob.size, name, self.engine.now)
 
         self.lease_asked = self.engine.now
-        self.node.call(target, query, self._granted)
+        self.node.call(target, query, self._granted, timeout=partial(self._unreachable, _LEASE),
+                       cost=target.cpu_cost("lease", self.layout.count))
 
     @property
     def leasing(self) -> bool:
@@ -549,15 +633,18 @@ class BlobDownload:
         asked = self.lease_asked
         return asked is not None and self.engine.now - asked < LEASE_RETRY
 
-    def _granted(self, answer: object) -> None:
+    def _lease_answered(self) -> None:
         self.lease_asked = None
         for other in self.node._active:  # downloads waiting for this answer to ask theirs
             if other is not self and not other.completed:
                 other.poke()
+
+    def _granted(self, answer: object) -> None:
+        self._answered(_LEASE)
         if isinstance(answer, Lease) and not self.solo and not self.completed:
             self.upstream = range(answer.first_piece, answer.last_piece)
             self.sched.set_upstream_range(answer.first_piece, answer.last_piece)
-            self.poke()
+        self.poke()
 
     def announce(self) -> None:
         """Send our snapshot of this blob to its coordinator (one-way)."""
@@ -571,7 +658,7 @@ class BlobDownload:
             return coordinator.announce(blob.digest, blob.size, node.name, node.name, bits,
                                         complete, {}, self.engine.now)
 
-        node.call(target, query, None)
+        node.call(target, query, None, cost=target.cpu_cost("announce", self.layout.count))
 
     def _announce_due(self) -> None:
         self._announcer = None

@@ -43,6 +43,24 @@ def pack_bitfield(indices: Iterable[int], count: int) -> bytes:
     return bytes(field)
 
 
+_REVERSED = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
+
+
+def bitfield_of_mask(mask: int, count: int) -> bytes:
+    """The bitfield of ``count`` pieces holding piece ``i`` where bit ``i`` of ``mask`` is
+    set: ``pack_bitfield`` of those pieces, without listing them (a coordinator answers a
+    lookup with one per holder)."""
+    if not 0 <= mask < 1 << count:
+        raise ValueError(f"mask has bits set past piece {count - 1}")
+    return mask.to_bytes(bitfield_length(count), "little").translate(_REVERSED)
+
+
+def mask_of_bitfield(bits: bytes, count: int) -> int:
+    """The inverse of :func:`bitfield_of_mask` (checked like :func:`unpack_bitfield`)."""
+    check_bitfield(bits, count)
+    return int.from_bytes(bits.translate(_REVERSED), "little")
+
+
 def unpack_bitfield(bits: bytes, count: int) -> frozenset[int]:
     """The set of pieces that ``bits`` (a bitfield of ``count`` pieces) holds."""
     check_bitfield(bits, count)

@@ -42,6 +42,9 @@ scheduler's request timeout takes care of peers that stop answering)."""
 MISSING_RETRY = 2.0
 """A peer that refused a piece it announced is asked for it again after this long (it
 may have been about to publish it; or the coordinator's view of it is stale)."""
+RPC_TIMEOUT = 3.0
+"""A coordinator that has not answered a lookup or lease request by then counts as
+unreachable: the download goes on without it (solo: upstream for what no known peer has)."""
 MAX_IN_FLIGHT = 16
 """Piece requests a node keeps out at once, shared by the blobs it downloads (but at
 least :data:`MIN_IN_FLIGHT` each): enough to fill a link, few enough that holders

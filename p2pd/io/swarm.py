@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
-from p2pd.core.bitfield import pack_bitfield, unpack_bitfield
+from p2pd.core.bitfield import bitfield_of_mask, mask_of_bitfield, pack_bitfield, unpack_bitfield
 from p2pd.core.coordinator import Coordinator
 from p2pd.core.membership import Member, Membership, coordinator_for, rendezvous_order
 from p2pd.core.messages import (
@@ -54,9 +54,11 @@ from p2pd.core.tuning import (
     LEASE_DEFER,
     LEASE_RETRY,
     LEASE_TTL,
+    LOOKUP_INTERVAL,
     MAX_IN_FLIGHT,
     MISSING_RETRY,
     REANNOUNCE,
+    RPC_TIMEOUT,
     STUCK_AFTER,
     lookup_wait,
     request_share,
@@ -67,8 +69,6 @@ from p2pd.io.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
-RPC_TIMEOUT = 3.0
-"""A coordinator that has not answered by then counts as unreachable (the pull goes on)."""
 PIECE_TIMEOUT = 30.0
 """A piece request given up for good (the scheduler re-asks elsewhere long before)."""
 ZERO = bytes(32)
@@ -130,8 +130,10 @@ class Swarm:
         """A node tells us, its blob's coordinator, what it holds."""
         self._on_request("announce")
         now = trio.current_time()
-        pieces = unpack_bitfield(msg.bitfield, _count(msg.size))
-        table = {i: msg.hashes[32 * n:32 * n + 32] for n, i in enumerate(sorted(pieces))}
+        count = _count(msg.size)
+        pieces = mask_of_bitfield(msg.bitfield, count)
+        table = {i: msg.hashes[32 * n:32 * n + 32]
+                 for n, i in enumerate(_indices(pieces, count))} if msg.hashes else {}
         self.coordinator.announce(msg.digest, msg.size, peer_id, msg.addr, pieces,
                                   msg.complete, table, now)
         self.membership.heard_from(msg.addr, now)
@@ -141,10 +143,8 @@ class Swarm:
         self._on_request("lookup")
         found = self.coordinator.lookup(msg.digest, msg.size, peer_id, trio.current_time())
         count = _count(msg.size)
-        holders = tuple(
-            Holder(h.node_id, h.addr, pack_bitfield(_indices(h.bits, count), count), h.complete)
-            for h in found.holders[:64]
-        )
+        holders = tuple(Holder(h.node_id, h.addr, bitfield_of_mask(h.bits, count), h.complete)
+                        for h in found.holders[:64])
         table = b"".join(h or ZERO for h in found.hashes) if any(found.hashes) else b""
         fetcher = found.fetchers[0].node_id if found.fetchers else None
         return Peers(msg.request_id, msg.digest, msg.size, holders, fetcher, table)
@@ -330,15 +330,14 @@ class _Fetch:
         self.wake.set()
 
     async def run(self) -> None:
-        next_lookup = next_lease = 0.0
+        next_lease = 0.0
         deferred = False  # the first lease request, while this node fetches another blob
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announcer)
+            await self._lookup(trio.current_time())  # the first turn knows the swarm
+            nursery.start_soon(self._lookups)
             while not self.sched.done:
                 now = trio.current_time()
-                if now >= next_lookup and not self.solo:
-                    await self._lookup(now)
-                    next_lookup = now + lookup_wait(self.swarm.rng)
                 wanted = self.sched.wants_lease
                 if wanted and now >= next_lease and not self.peers_only:
                     if self.swarm.leasing(besides=self):
@@ -360,12 +359,27 @@ class _Fetch:
                         nursery.start_soon(self._from_upstream, action.indices)
                 if self.sched.done:
                     break
-                deadline = min(next_lookup, self.sched.next_deadline() or next_lookup)
+                latest = now + LOOKUP_INTERVAL  # a look at the clock now and then (STUCK_AFTER)
+                deadline = min(latest, self.sched.next_deadline() or latest)
                 with trio.move_on_at(max(deadline, trio.current_time() + 0.01)):
                     await self.wake.wait()
                 self.wake = trio.Event()
             nursery.cancel_scope.cancel()
         await self.swarm.announce(self.state)
+
+    async def _lookups(self) -> None:
+        """Look the swarm up, one lookup at a time, ``lookup_wait`` after each answer.
+
+        Beside the loop, not in it: a coordinator with many askers answers slowly (it
+        works through their lookups one after another), and a loop that waited for
+        the answer would ask peers for nothing meanwhile. One at a time, so a slow
+        coordinator slows its askers' lookups down instead of being sent more."""
+        while not self.solo:
+            await trio.sleep(lookup_wait(self.swarm.rng))
+            if self.solo:
+                break
+            await self._lookup(trio.current_time())
+            self._poke()
 
     async def _lookup(self, now: float) -> None:
         try:

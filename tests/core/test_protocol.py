@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 from p2pd.core.auth import Role
 from p2pd.core.bitfield import (
     bitfield_length,
+    bitfield_of_mask,
     check_bitfield,
     count_pieces,
     full_bitfield,
     has_piece,
+    mask_of_bitfield,
     pack_bitfield,
     unpack_bitfield,
 )
@@ -293,6 +295,18 @@ def test_bitfields_round_trip(indices: set[int], count: int) -> None:
     assert count_pieces(bits) == len(indices)
     assert all(has_piece(bits, i) == (i in indices) for i in range(-1, count + 9))
     assert unpack_bitfield(full_bitfield(count), count) == set(range(count))
+
+
+@given(st.sets(st.integers(0, 640)), st.integers(0, 40))
+def test_bitfields_from_masks(indices: set[int], extra: int) -> None:
+    count = max(indices, default=0) + 1 + extra
+    mask = sum(1 << i for i in indices)
+    assert bitfield_of_mask(mask, count) == pack_bitfield(indices, count)
+    assert mask_of_bitfield(pack_bitfield(indices, count), count) == mask
+    with pytest.raises(ValueError, match="past piece"):
+        bitfield_of_mask(mask | 1 << count, count)
+    with pytest.raises(ValueError):
+        mask_of_bitfield(pack_bitfield(indices, count) + b"\0", count)
 
 
 def test_malformed_bitfields() -> None:
