@@ -1,18 +1,20 @@
 """Benchmark of a blob's coordinator: the CPU one lookup and one announcement cost it.
 
 Run with ``python -m benchmarks.bench_coordinator [--holders 16,256,4096]
-[--size-mb 64,256,1536] [--seconds 2] [--json FILE]``. Nothing is started and no socket is opened: this is the
-daemon's own code path for a message on its peer port, on one core, minus the socket
-reads and writes — decode the frame (:class:`p2pd.core.protocol.FrameReader`), answer it
-(:meth:`p2pd.io.swarm.Swarm.on_lookup` / ``on_announce``, inside ``trio.run`` as the
-daemon calls them), encode the answer (:func:`p2pd.core.protocol.encode_frame`).
+[--size-mb 64,256,1536] [--seconds 2] [--json FILE]``. Nothing is started and no
+socket is opened: this is the daemon's own code path for a message on its peer port, on
+one core, minus the socket reads and writes — decode the frame
+(:class:`p2pd.core.protocol.FrameReader`), answer it (:meth:`p2pd.io.swarm.Swarm.on_lookup`
+/ ``on_announce``, inside ``trio.run`` as the daemon calls them), encode the answer
+(:func:`p2pd.core.protocol.encode_frame`).
 
 For each number of holders and blob size (its pieces by the daemon's size rule): a swarm
-where that many nodes announced a random half of the pieces (and their hashes), then, for ``--seconds`` each, lookups
-from those nodes in turn, and announcements of one more piece from them in turn.
-Reported: microseconds per lookup and per announcement, the lookups per second one core
-can answer, the size of a lookup's answer — and how many nodes a coordinator could serve
-at one lookup per :data:`p2pd.core.tuning.LOOKUP_INTERVAL` each (per blob being pulled).
+where that many nodes announced a random half of the pieces (and their hashes), then,
+for ``--seconds`` each, lookups from those nodes in turn, and announcements of one more
+piece from them in turn. Reported: microseconds per lookup and per announcement, the
+lookups per second one core can answer, the size of a lookup's answer, and how many
+nodes a coordinator could serve at one lookup per
+:data:`p2pd.core.tuning.LOOKUP_INTERVAL` each (per blob being pulled).
 """
 
 from __future__ import annotations

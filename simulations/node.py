@@ -28,9 +28,16 @@ front of its queue.
 
 Simplifications (each a deliberate difference from the daemon):
 
-- RPCs to the coordinator (lookup, lease, announce) cost one-way link latency each way
-  and no bandwidth; the loop does not block on them (the daemon awaits lookup and lease
-  inline), answers wake it instead. Messages are never lost; a node fails only by
+- RPCs to the coordinator (lookup, lease, announce) cost one-way link latency each way,
+  no bandwidth, and the coordinator's CPU (:data:`COORDINATOR_CPU`, unless the scenario
+  sets ``coordinator_cpu=False``): each coordinator works through the messages sent to
+  it one at a time, in the order they were sent, on one core (its node's own downloads
+  and uploads take none of that core). As in the daemon, the first lookup and every
+  lease request are awaited by the loop; later lookups go on beside it, one at a time,
+  each ``lookup_wait`` after the last answer; announcements go out no more often than
+  the last lookup took to answer; an answer later than ``LOOKUP_TIMEOUT`` (leases:
+  ``RPC_TIMEOUT``) is given up on (the coordinator is asked again later), and a dead
+  coordinator sends the download solo. Messages are never lost; a node fails only by
   crashing (``--failures``).
 - No integrity: every piece verifies, piece hashes are taken as known (the daemon only
   counts a holder's pieces once the table has their hash), so announcements carry none.
@@ -73,6 +80,7 @@ from p2pd.core.tuning import (
     LEASE_TTL,
     LOOKUP_INTERVAL,
     LOOKUP_JITTER,
+    LOOKUP_TIMEOUT,
     MAX_IN_FLIGHT,
     MAX_UPLOADS,
     MAX_WAITING,
@@ -235,15 +243,17 @@ class SimNode:
 
     def call(self, target: SimNode, query: Callable[[], object],
              answer: Callable[[object], None] | None, *, cost: float = 0.0,
-             timeout: Callable[[], None] | None = None) -> None:
+             timeout: Callable[[bool], None] | None = None,
+             patience: float = RPC_TIMEOUT) -> None:
         """Run ``query`` at ``target`` one latency from now and, if ``answer`` is given,
         hand it the result one more latency later (at once if ``target`` is us).
 
         ``cost``: the seconds of the target's core the query takes. The target works
         through such queries one at a time, in the order they were sent, so the query
         runs when the target's core is free and ``cost`` has passed. ``timeout`` runs
-        instead of ``answer`` if the answer would come more than :data:`RPC_TIMEOUT`
-        after the call, or never (a dead target); the query still costs the target."""
+        instead of ``answer`` ``patience`` seconds after the call if the answer would
+        come later (``timeout(False)``: the query still costs the target) or never
+        (``timeout(True)``: a dead target)."""
         engine = self.engine
         if target is self and not cost:
             result = query()
@@ -255,15 +265,15 @@ class SimNode:
         at = sent + delay
         if cost:
             at = target.cpu_free = max(at, target.cpu_free) + cost
-        late = timeout is not None and at + delay - sent > RPC_TIMEOUT
+        late = timeout is not None and at + delay - sent > patience
         if late:
             assert timeout is not None
-            engine.schedule_at(sent + RPC_TIMEOUT, timeout)
+            engine.schedule_at(sent + patience, partial(timeout, False))
 
         def arrive() -> None:
             if target.crashed:
                 if timeout is not None and not late:
-                    engine.schedule_at(sent + RPC_TIMEOUT, timeout)
+                    engine.schedule_at(sent + patience, partial(timeout, True))
                 return
             result = query()
             if answer is None or late:
@@ -424,7 +434,12 @@ class BlobDownload:
         self._wake: Timer | None = None  # the next timed turn of the loop
         self._soon: Timer | None = None  # a turn at this instant (poked)
         self.cancels_ignored = 0
-        self.timeouts = 0  # lookups and lease requests the coordinator did not answer in time
+        self.timeouts = 0  # lookups and lease requests a dead coordinator did not answer
+        self.slow = 0  # ... that a live one did not answer in time
+        self.lookup_time = 0.0  # how long the last lookup took to answer
+        self.lookup_sent = 0.0
+        self.seen = 0  # pieces lookups showed held by someone (a mask)
+        self.answered = False  # a lookup was answered
         self.completed = False
         # What each peer was last fed with: feeding the same bits again is a no-op unless
         # a refusal or a timeout has made the scheduler forget pieces since (refusals
@@ -544,8 +559,10 @@ class BlobDownload:
         def query() -> object:
             return coordinator.lookup(blob.digest, blob.size, name, self.engine.now)
 
+        self.lookup_sent = self.engine.now
         self.node.call(target, query, self._peers, timeout=partial(self._unreachable, _LOOKUP),
-                       cost=target.cpu_cost("lookup", self.layout.count))
+                       cost=target.cpu_cost("lookup", self.layout.count),
+                       patience=LOOKUP_TIMEOUT)
 
     def _answered(self, kind: str) -> None:
         """The answer to ``kind`` (or its timeout) came: the loop goes on if it waited."""
@@ -557,11 +574,21 @@ class BlobDownload:
         else:
             self.looked_up = True
 
-    def _unreachable(self, kind: str) -> None:
-        """A lookup or lease request went unanswered for ``RPC_TIMEOUT``: go on without
-        the coordinator, as the daemon does (solo: upstream for what no known peer has)."""
+    def _unreachable(self, kind: str, gone: bool) -> None:
+        """A lookup or lease request went unanswered for ``RPC_TIMEOUT``. A slow
+        coordinator is asked again later (the next lookup ``lookup_wait`` from now; the
+        lease after ``LEASE_RETRY``); without a coordinator the download goes on alone,
+        as the daemon's does (solo: upstream for what no known peer has)."""
         self._answered(kind)
         if self.completed:
+            return
+        if not gone:
+            self.slow += 1
+            if kind == _LOOKUP:
+                self.lookup_time = self.engine.now - self.lookup_sent
+                self.next_lookup = self.engine.now + lookup_wait(
+                    self.node.rng, self.node.limits.lookup_jitter)
+            self.poke()
             return
         self.solo = True
         self.upstream = range(self.layout.count)
@@ -574,12 +601,15 @@ class BlobDownload:
         self._answered(_LOOKUP)
         if self.completed:
             return
+        self.lookup_time = self.engine.now - self.lookup_sent
         self.next_lookup = self.engine.now + lookup_wait(self.node.rng,
                                                          self.node.limits.lookup_jitter)
         now = self.engine.now
         fed, sched, me = self._fed, self.sched, self.node.name
+        seen = self.seen
         for holder in answer.holders:
             peer_id, bits = holder.node_id, holder.bits
+            seen |= bits
             before = fed.get(peer_id)
             if before == bits or peer_id == me or peer_id in self.node.dead:
                 continue
@@ -599,6 +629,10 @@ class BlobDownload:
                 sched.peer_has(peer_id, _indices(bits & ~before), now)
                 continue
             sched.peer_update(peer_id, _indices(bits), False, now)
+        if seen != self.seen or answer.fetchers or not self.answered:
+            # the swarm makes progress, or someone fetches upstream: not stuck
+            self.seen, self.last_progress = seen, now
+        self.answered = True
         self.poke()
 
     def _lacks(self, peer_id: str, now: float) -> int:
@@ -628,10 +662,8 @@ class BlobDownload:
 
     @property
     def leasing(self) -> bool:
-        """Whether a lease request is on its way (a crashed coordinator never answers:
-        the daemon's request would fail, here it is given up after ``LEASE_RETRY``)."""
-        asked = self.lease_asked
-        return asked is not None and self.engine.now - asked < LEASE_RETRY
+        """Whether a lease request is on its way (until its answer or its timeout)."""
+        return self.lease_asked is not None
 
     def _lease_answered(self) -> None:
         self.lease_asked = None
@@ -741,5 +773,7 @@ class BlobDownload:
             return  # a late copy (endgame duplicate): nothing to tell
         self.announce_due = True
         if self._announcer is None:
-            self._announcer = self.engine.schedule(ANNOUNCE_DELAY, self._announce_due)
+            # no more often than the coordinator answers lookups (as the daemon)
+            self._announcer = self.engine.schedule(max(ANNOUNCE_DELAY, self.lookup_time),
+                                                   self._announce_due)
         self.poke()

@@ -55,6 +55,7 @@ from p2pd.core.tuning import (
     LEASE_RETRY,
     LEASE_TTL,
     LOOKUP_INTERVAL,
+    LOOKUP_TIMEOUT,
     MAX_IN_FLIGHT,
     MISSING_RETRY,
     REANNOUNCE,
@@ -200,17 +201,24 @@ class Swarm:
     def _coordinator(self, digest: str) -> Member:
         return coordinator_for(digest, self.membership.alive(trio.current_time()))
 
-    async def _ask(self, digest: str, make: Callable[[int], Lookup | Lease]) -> Peers | LeaseGrant:
-        """Send a coordinator query for ``digest`` (answered locally if we coordinate it)."""
+    async def _ask(self, digest: str, make: Callable[[int], Lookup | Lease],
+                   timeout: float = RPC_TIMEOUT) -> Peers | LeaseGrant:
+        """Send a coordinator query for ``digest`` (answered locally if we coordinate it);
+        :class:`CoordinatorSlow` if no answer came within ``timeout``."""
         member = self._coordinator(digest)
         if member.addr == self.addr:
             query = make(0)
             return self.on_lookup(self.node_id, query) if isinstance(query, Lookup) \
                 else self.on_lease(self.node_id, query)
         try:
-            with trio.fail_after(RPC_TIMEOUT):
+            with trio.fail_after(timeout):
                 answer = await (await self._link(member.addr, control=True)).call(make)
-        except (PeerUnavailable, trio.TooSlowError) as exc:
+        except trio.TooSlowError as exc:
+            # Connected, but no answer yet: a coordinator with thousands of askers works
+            # through their messages one by one. It is alive: not a membership failure.
+            raise CoordinatorSlow(f"coordinator {member.addr}: no answer in "
+                                  f"{timeout:.0f} s") from exc
+        except PeerUnavailable as exc:
             self.membership.failed(member.addr, trio.current_time())
             raise PeerUnavailable(f"coordinator {member.addr}: {exc!r}") from exc
         self.membership.heard_from(member.addr, trio.current_time())
@@ -299,6 +307,10 @@ class Swarm:
         self._wake_all()
 
 
+class CoordinatorSlow(PeerUnavailable):
+    """The coordinator did not answer within :data:`RPC_TIMEOUT` (it is busy, not gone)."""
+
+
 class NoPeerHolds(P2PError):
     """A peers-only fetch (a preheat replica) found no peer to give it every piece."""
 
@@ -321,6 +333,9 @@ class _Fetch:
         self.announce_due = False
         self.upstream = range(0)  # pieces we may fetch upstream (our lease)
         self.leasing = False  # asking the coordinator for the lease now
+        self.lookup_time = 0.0  # how long the last lookup took to answer
+        self.seen = 0  # pieces lookups showed held by someone (a mask)
+        self.answered = False  # a lookup was answered
         self.solo = False
         # pieces a peer said it lacks although announced, and until when to believe it
         self.refused: dict[str, dict[int, float]] = {}
@@ -334,7 +349,8 @@ class _Fetch:
         deferred = False  # the first lease request, while this node fetches another blob
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announcer)
-            await self._lookup(trio.current_time())  # the first turn knows the swarm
+            # the first turn knows the swarm
+            await self._lookup(trio.current_time(), LOOKUP_TIMEOUT)
             nursery.start_soon(self._lookups)
             while not self.sched.done:
                 now = trio.current_time()
@@ -378,13 +394,19 @@ class _Fetch:
             await trio.sleep(lookup_wait(self.swarm.rng))
             if self.solo:
                 break
-            await self._lookup(trio.current_time())
+            await self._lookup(trio.current_time(), LOOKUP_TIMEOUT)
             self._poke()
 
-    async def _lookup(self, now: float) -> None:
+    async def _lookup(self, now: float, timeout: float) -> None:
         try:
+            asked = trio.current_time()
             answer = await self.swarm._ask(
-                self.digest, lambda rid: Lookup(rid, self.digest, self.size))
+                self.digest, lambda rid: Lookup(rid, self.digest, self.size), timeout)
+            self.lookup_time = trio.current_time() - asked
+        except CoordinatorSlow as exc:  # look again later; peers meanwhile
+            self.lookup_time = timeout
+            log.info("blob %s: %s", self.digest[7:19], exc)
+            return
         except (PeerUnavailable, P2PError) as exc:
             self.solo = True
             self._go_solo(f"coordinator unreachable: {exc}")
@@ -395,7 +417,9 @@ class _Fetch:
                 value = answer.hashes[32 * i:32 * i + 32]
                 if value != ZERO and self.state.hashes[i] is None:
                     self.state.hashes[i] = value
+        seen = self.seen
         for holder in answer.holders:
+            seen |= mask_of_bitfield(holder.bitfield, self.layout.count)
             if holder.addr == self.swarm.addr:
                 continue
             self.addrs[holder.node_id] = holder.addr
@@ -403,12 +427,19 @@ class _Fetch:
             pieces = {i for i in unpack_bitfield(holder.bitfield, self.layout.count)
                       if self.state.hashes[i] is not None and lacks.get(i, 0.0) <= now}
             self.sched.peer_update(holder.node_id, pieces, False, now)
+        if seen != self.seen or answer.fetcher is not None or not self.answered:
+            # the swarm makes progress, or someone fetches upstream: not stuck
+            self.seen, self.last_progress = seen, trio.current_time()
+        self.answered = True
 
     async def _lease(self, now: float) -> None:
         self.leasing = True
         try:
             grant = await self.swarm._ask(self.digest, lambda rid: Lease(
                 rid, self.digest, self.size, 0, self.layout.count - 1))
+        except CoordinatorSlow as exc:  # ask again after LEASE_RETRY
+            log.info("blob %s: %s", self.digest[7:19], exc)
+            return
         except (PeerUnavailable, P2PError) as exc:
             self.solo = True
             self._go_solo(f"coordinator unreachable: {exc}")
@@ -507,7 +538,10 @@ class _Fetch:
 
     async def _announcer(self) -> None:
         while True:
-            await trio.sleep(ANNOUNCE_DELAY)
+            # No more often than the coordinator answers lookups: one that takes a second
+            # to answer has a second's worth of messages queued; announcing every
+            # ANNOUNCE_DELAY would only lengthen its queue.
+            await trio.sleep(max(ANNOUNCE_DELAY, self.lookup_time))
             if self.announce_due and not self.solo:
                 self.announce_due = False
                 await self.swarm.announce(self.state)
