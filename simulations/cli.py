@@ -39,7 +39,7 @@ from simulations.report import (
     study_sweeps,
     study_table,
 )
-from simulations.scenarios import STUDIES
+from simulations.scenarios import STUDIES, free_coordinators
 
 LARGE_RUN = 1000  # nodes: from here on, say when the compiled build is not in use
 
@@ -202,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         study = STUDIES.get(args.name)
         if study is None:
             raise SystemExit(f"no study {args.name!r}; see `python -m simulations list`")
+        if args.free_coordinators:
+            study = free_coordinators(study)
         _hint(max(case.scenario.nodes for case in study.cases))
         rows = run_study(study, log,  # type: ignore[arg-type]
                          lambda rows: save_study(study, rows, args.results), _progress(args))

@@ -436,10 +436,11 @@ class BlobDownload:
         self.cancels_ignored = 0
         self.timeouts = 0  # lookups and lease requests a dead coordinator did not answer
         self.slow = 0  # ... that a live one did not answer in time
-        self.lookup_time = 0.0  # how long the last lookup took to answer
+        self.lookup_time = 0.0  # how long the last lookup took to answer (or to give up on)
+        self.answer_time = 0.0  # how long the last answered lookup took
         self.lookup_sent = 0.0
         self.seen = 0  # pieces lookups showed held by someone (a mask)
-        self.answered = False  # a lookup was answered
+        self.answered = False  # a lookup was answered (or the first one given up on)
         self.completed = False
         # What each peer was last fed with: feeding the same bits again is a no-op unless
         # a refusal or a timeout has made the scheduler forget pieces since (refusals
@@ -510,7 +511,7 @@ class BlobDownload:
                 self.awaiting = _LEASE
                 self._lease()
                 return
-        if now - self.last_progress > STUCK_AFTER and not sched.in_flight:
+        if now - self.last_progress > STUCK_AFTER + self.answer_time and not sched.in_flight:
             self.upstream = range(self.layout.count)
             sched.set_upstream_range(0, self.layout.count)
         in_flight = sched.in_flight
@@ -586,6 +587,8 @@ class BlobDownload:
             self.slow += 1
             if kind == _LOOKUP:
                 self.lookup_time = self.engine.now - self.lookup_sent
+                if not self.answered:  # the stuck clock starts now (as the daemon's)
+                    self.answered, self.last_progress = True, self.engine.now
                 self.next_lookup = self.engine.now + lookup_wait(
                     self.node.rng, self.node.limits.lookup_jitter)
             self.poke()
@@ -601,7 +604,7 @@ class BlobDownload:
         self._answered(_LOOKUP)
         if self.completed:
             return
-        self.lookup_time = self.engine.now - self.lookup_sent
+        self.lookup_time = self.answer_time = self.engine.now - self.lookup_sent
         self.next_lookup = self.engine.now + lookup_wait(self.node.rng,
                                                          self.node.limits.lookup_jitter)
         now = self.engine.now

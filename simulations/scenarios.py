@@ -42,6 +42,14 @@ class Study:
     assumptions: tuple[str, ...] = ()
 
 
+def free_coordinators(study: Study) -> Study:
+    """``study`` with coordinators that answer at once, however many nodes ask (the model
+    before their CPU was: ``Scenario.coordinator_cpu``)."""
+    return replace(study, cases=tuple(
+        replace(case, scenario=replace(case.scenario, coordinator_cpu=False))
+        for case in study.cases))
+
+
 def _image(total: int, layers: int) -> tuple[int, ...]:
     size, extra = divmod(total, layers)
     return tuple([size] * (layers - 1) + [size + extra])

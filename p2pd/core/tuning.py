@@ -39,8 +39,9 @@ STUCK_AFTER = LEASE_TTL + 1.0
 """Pieces no usable peer has and nobody fetches for this long come from upstream anyway
 (unless pieces are still on their way from peers: a slow peer is not a missing one; the
 scheduler's request timeout takes care of peers that stop answering). "This long" is
-since a piece last arrived here, or a lookup was first answered, showed a piece held
-that none had shown before, or showed someone fetching upstream (a live lease): a swarm
+since a piece last arrived here, or a lookup was first answered (or the first went
+unanswered for :data:`LOOKUP_TIMEOUT`), showed a piece held that none had shown before,
+or showed someone fetching upstream (a live lease): a swarm
 that makes progress is not stuck, only slow to reach us (at thousands of nodes the
 coordinator's first answers alone take seconds)."""
 MISSING_RETRY = 2.0
@@ -49,7 +50,7 @@ may have been about to publish it; or the coordinator's view of it is stale)."""
 RPC_TIMEOUT = 3.0
 """A coordinator that has not answered a lookup or lease request by then counts as
 unreachable: the download goes on without it (solo: upstream for what no known peer has)."""
-LOOKUP_TIMEOUT = 10.0
+LOOKUP_TIMEOUT = 6.0
 """How long a lookup may wait for its answer (then the coordinator is taken as hung: the
 download goes on with the peers it knows, and :data:`STUCK_AFTER` later upstream). Longer
 than :data:`RPC_TIMEOUT`: a coordinator that thousands of nodes look up at once takes

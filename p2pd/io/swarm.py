@@ -333,9 +333,10 @@ class _Fetch:
         self.announce_due = False
         self.upstream = range(0)  # pieces we may fetch upstream (our lease)
         self.leasing = False  # asking the coordinator for the lease now
-        self.lookup_time = 0.0  # how long the last lookup took to answer
+        self.lookup_time = 0.0  # how long the last lookup took to answer (or to give up on)
+        self.answer_time = 0.0  # how long the last answered lookup took
         self.seen = 0  # pieces lookups showed held by someone (a mask)
-        self.answered = False  # a lookup was answered
+        self.answered = False  # a lookup was answered (or the first one given up on)
         self.solo = False
         # pieces a peer said it lacks although announced, and until when to believe it
         self.refused: dict[str, dict[int, float]] = {}
@@ -365,7 +366,10 @@ class _Fetch:
                         next_lease = now + LEASE_RETRY
                 # Pieces that only blamed or vanished peers claim, or whose fetcher
                 # stalls while the coordinator still counts its lease: stop waiting.
-                if now - self.last_progress > STUCK_AFTER and not self.sched.in_flight:
+                # (plus the time the coordinator takes to answer: we learn of progress
+                # elsewhere no sooner than that)
+                if now - self.last_progress > STUCK_AFTER + self.answer_time \
+                        and not self.sched.in_flight:
                     self._go_solo(f"no piece arrived for {STUCK_AFTER:.0f} s")
                 self.sched.tick(now)
                 for action in self.sched.next_actions(now):
@@ -402,9 +406,12 @@ class _Fetch:
             asked = trio.current_time()
             answer = await self.swarm._ask(
                 self.digest, lambda rid: Lookup(rid, self.digest, self.size), timeout)
-            self.lookup_time = trio.current_time() - asked
+            self.lookup_time = self.answer_time = trio.current_time() - asked
         except CoordinatorSlow as exc:  # look again later; peers meanwhile
             self.lookup_time = timeout
+            if not self.answered:  # STUCK_AFTER counts from our first view of the swarm
+                self.answered = True  # or from giving up waiting for it
+                self.last_progress = trio.current_time()
             log.info("blob %s: %s", self.digest[7:19], exc)
             return
         except (PeerUnavailable, P2PError) as exc:

@@ -3,6 +3,7 @@ MAX_WAITING waiters they are refused at once. On the download side a node fetchi
 layer upstream leaves the next layers' leases to others."""
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -127,3 +128,83 @@ def test_nodes_starting_together_look_up_out_of_step_and_are_refused_less() -> N
         return Cluster(scenario).run().scheduler["refusals"]
 
     assert refusals(LOOKUP_JITTER) * 2 < refusals(0.0)
+
+
+# -- the coordinator's CPU --------------------------------------------------------------
+
+
+def test_a_coordinator_works_through_messages_one_at_a_time() -> None:
+    cluster = Cluster(SCENARIO)
+    coordinator, asker = cluster.nodes.values()
+    latency = cluster.network.latency(asker.host, coordinator.host)
+    ran: list[float] = []
+    answered: list[float] = []
+    for _ in range(3):  # sent together: each waits for the ones before it
+        asker.call(coordinator, lambda: ran.append(cluster.engine.now),
+                   lambda _: answered.append(cluster.engine.now), cost=0.1)
+    cluster.engine.run()
+    assert ran == pytest.approx([latency + 0.1, latency + 0.2, latency + 0.3])
+    assert answered == pytest.approx([t + latency for t in ran])
+
+
+def test_an_answer_later_than_the_patience_is_given_up_and_still_costs() -> None:
+    cluster = Cluster(SCENARIO)
+    coordinator, asker = cluster.nodes.values()
+    events: list[tuple[str, float]] = []
+    asker.call(coordinator, lambda: events.append(("query", cluster.engine.now)),
+               lambda _: events.append(("answer", cluster.engine.now)), cost=5.0,
+               timeout=lambda gone: events.append((f"timeout gone={gone}", cluster.engine.now)),
+               patience=3.0)
+    cluster.engine.run()
+    latency = cluster.network.latency(asker.host, coordinator.host)
+    assert events == [("timeout gone=False", pytest.approx(3.0)),
+                      ("query", pytest.approx(latency + 5.0))]
+
+
+def test_a_dead_coordinator_times_out_as_gone() -> None:
+    cluster = Cluster(SCENARIO)
+    coordinator, asker = cluster.nodes.values()
+    coordinator.crashed = True
+    events: list[tuple[str, float]] = []
+    asker.call(coordinator, lambda: events.append(("query", 0.0)),
+               lambda _: events.append(("answer", 0.0)), cost=0.01,
+               timeout=lambda gone: events.append((f"gone={gone}", cluster.engine.now)),
+               patience=3.0)
+    cluster.engine.run()
+    assert events == [("gone=True", pytest.approx(3.0))]
+
+
+def test_a_swamped_coordinator_slows_the_pull_but_sends_nobody_upstream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 40 nodes, and every message costs its coordinator 100 times the measured CPU: a
+    # lookup takes it about 30 ms, and 40 downloads ask at once and then every 0.25 s,
+    # so its answers come a second late; yet the registry sends the image once, and the
+    # pull is only slower than with coordinators that cost nothing.
+    import simulations.node as node_module
+
+    scenario = Scenario(nodes=40, image_bytes=64 * MiB, layers=1, node_up=50 * MiB,
+                        node_down=50 * MiB, registry_up=50 * MiB, seed=1)
+    free = Cluster(replace(scenario, coordinator_cpu=False)).run()
+    slow = {kind: (100 * fixed, 100 * per_piece)
+            for kind, (fixed, per_piece) in node_module.COORDINATOR_CPU.items()}
+    monkeypatch.setattr(node_module, "COORDINATOR_CPU", slow)
+    cluster = Cluster(scenario)
+    swamped = cluster.run()
+    downloads = [d for n in cluster.nodes.values() for d in n.downloads.values()]
+    assert max(d.answer_time for d in downloads) > 0.5  # it was swamped
+    assert not any(d.solo for d in downloads)
+    assert swamped.registry_bytes == free.registry_bytes == scenario.image_bytes
+    assert swamped.makespan > free.makespan
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_only_a_dead_coordinator_sends_a_download_solo(gone: bool) -> None:
+    cluster = Cluster(SCENARIO)
+    node = next(iter(cluster.nodes.values()))
+    blob = SCENARIO.blobs()[0]
+    download = node.downloads[blob.digest] = BlobDownload(node, blob)
+    download._unreachable("lookup", gone)
+    assert download.solo == gone
+    assert download.slow == (not gone) and download.timeouts == gone
+    assert (len(download.upstream) == download.layout.count) == gone
