@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from p2pd.core.tuning import MAX_IN_FLIGHT, MAX_UPLOADS
@@ -112,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="report how far the p2p run got every 10 s of wall time (stderr)")
     run.add_argument("--results", type=Path, default=RESULTS_DIR,
                      help="where `run NAME` writes its results")
+    run.add_argument("--case", default=None,
+                     help="`run NAME`: only the cases whose label contains this text")
     sweep = commands.add_parser("sweep", help="time until all are done against N")
     _scenario_flags(sweep)
     sweep.add_argument("--nodes-list", required=True, help="e.g. 10,30,100,300")
@@ -204,6 +207,11 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"no study {args.name!r}; see `python -m simulations list`")
         if args.free_coordinators:
             study = free_coordinators(study)
+        if args.case is not None:
+            cases = tuple(case for case in study.cases if args.case in case.label)
+            if not cases:
+                raise SystemExit(f"no case of {study.name} has {args.case!r} in its label")
+            study = replace(study, cases=cases)
         _hint(max(case.scenario.nodes for case in study.cases))
         rows = run_study(study, log,  # type: ignore[arg-type]
                          lambda rows: save_study(study, rows, args.results), _progress(args))
