@@ -236,8 +236,18 @@ class Swarm:
         try:
             with trio.fail_after(RPC_TIMEOUT):
                 link = await self._link(member.addr, control=True)
-                await link.send(msg)
         except (PeerUnavailable, trio.TooSlowError) as exc:
+            self.membership.failed(member.addr, trio.current_time())
+            log.debug("announce %s to %s failed: %s", state.digest[7:19], member.addr, exc)
+            return
+        # Connected but not reading within RPC_TIMEOUT: busy, not gone (as CoordinatorSlow);
+        # this announcement is dropped, the next one repeats what it said.
+        try:
+            with trio.fail_after(RPC_TIMEOUT):
+                await link.send(msg)
+        except trio.TooSlowError:
+            log.debug("announce %s to %s: coordinator busy", state.digest[7:19], member.addr)
+        except PeerUnavailable as exc:
             self.membership.failed(member.addr, trio.current_time())
             log.debug("announce %s to %s failed: %s", state.digest[7:19], member.addr, exc)
 
