@@ -405,7 +405,7 @@ class Cluster:
                     sched[key] = sched.get(key, 0) + getattr(s, key)
                 sched["cancels_ignored"] = sched.get("cancels_ignored", 0) \
                     + download.cancels_ignored
-                sched["coordinator_gone"] = sched.get("coordinator_gone", 0) + download.timeouts
+                sched["coordinator_gone"] = sched.get("coordinator_gone", 0) + download.lost
                 sched["coordinator_slow"] = sched.get("coordinator_slow", 0) + download.slow
         leases = sum(n.coordinator.statistics().leases_granted for n in self.nodes.values())
         return Result(

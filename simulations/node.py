@@ -428,13 +428,12 @@ class BlobDownload:
         self.lease_asked: float | None = None  # when a lease request went out, unanswered
         self.awaiting: str | None = None  # _LOOKUP or _LEASE: the loop awaits its answer
         self.resumed = False  # the lease answer came: the turn goes on past the lease
-        self.looked_up = False  # the first lookup was answered
         self.announce_due = False
         self._announcer: Timer | None = None
         self._wake: Timer | None = None  # the next timed turn of the loop
         self._soon: Timer | None = None  # a turn at this instant (poked)
         self.cancels_ignored = 0
-        self.timeouts = 0  # lookups and lease requests a dead coordinator did not answer
+        self.lost = 0  # lookups and lease requests a dead coordinator did not answer
         self.slow = 0  # ... that a live one did not answer in time
         self.lookup_time = 0.0  # how long the last lookup took to answer (or to give up on)
         self.answer_time = 0.0  # how long the last answered lookup took
@@ -497,7 +496,7 @@ class BlobDownload:
         if now >= self.next_lookup and not self.solo:
             self.next_lookup = math.inf
             self._lookup()
-            if not self.looked_up:
+            if not self.answered:
                 self.awaiting = _LOOKUP
                 return
         wanted = sched.wants_lease
@@ -572,8 +571,6 @@ class BlobDownload:
             self.resumed = kind == _LEASE
         if kind == _LEASE:
             self._lease_answered()
-        else:
-            self.looked_up = True
 
     def _unreachable(self, kind: str, gone: bool) -> None:
         """A lookup or lease request went unanswered for ``RPC_TIMEOUT``. A slow
@@ -596,7 +593,7 @@ class BlobDownload:
         self.solo = True
         self.upstream = range(self.layout.count)
         self.sched.set_upstream_range(0, self.layout.count)
-        self.timeouts += 1
+        self.lost += 1
         self.poke()
 
     def _peers(self, answer: object) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
-from p2pd.core.bitfield import bitfield_of_mask, mask_of_bitfield, pack_bitfield, unpack_bitfield
+from p2pd.core.bitfield import bitfield_of_mask, mask_of_bitfield, pack_bitfield
 from p2pd.core.coordinator import Coordinator
 from p2pd.core.membership import Member, Membership, coordinator_for, rendezvous_order
 from p2pd.core.messages import (
@@ -361,7 +361,7 @@ class _Fetch:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._announcer)
             # the first turn knows the swarm
-            await self._lookup(trio.current_time(), LOOKUP_TIMEOUT)
+            await self._lookup(trio.current_time())
             nursery.start_soon(self._lookups)
             while not self.sched.done:
                 now = trio.current_time()
@@ -408,17 +408,16 @@ class _Fetch:
             await trio.sleep(lookup_wait(self.swarm.rng))
             if self.solo:
                 break
-            await self._lookup(trio.current_time(), LOOKUP_TIMEOUT)
+            await self._lookup(trio.current_time())
             self._poke()
 
-    async def _lookup(self, now: float, timeout: float) -> None:
+    async def _lookup(self, now: float) -> None:
         try:
-            asked = trio.current_time()
             answer = await self.swarm._ask(
-                self.digest, lambda rid: Lookup(rid, self.digest, self.size), timeout)
-            self.lookup_time = self.answer_time = trio.current_time() - asked
+                self.digest, lambda rid: Lookup(rid, self.digest, self.size), LOOKUP_TIMEOUT)
+            self.lookup_time = self.answer_time = trio.current_time() - now
         except CoordinatorSlow as exc:  # look again later; peers meanwhile
-            self.lookup_time = timeout
+            self.lookup_time = LOOKUP_TIMEOUT
             if not self.answered:  # STUCK_AFTER counts from our first view of the swarm
                 self.answered = True  # or from giving up waiting for it
                 self.last_progress = trio.current_time()
@@ -434,14 +433,15 @@ class _Fetch:
                 value = answer.hashes[32 * i:32 * i + 32]
                 if value != ZERO and self.state.hashes[i] is None:
                     self.state.hashes[i] = value
-        seen = self.seen
+        seen, count = self.seen, self.layout.count
         for holder in answer.holders:
-            seen |= mask_of_bitfield(holder.bitfield, self.layout.count)
+            held = mask_of_bitfield(holder.bitfield, count)
+            seen |= held
             if holder.addr == self.swarm.addr:
                 continue
             self.addrs[holder.node_id] = holder.addr
             lacks = self.refused.get(holder.node_id, {})
-            pieces = {i for i in unpack_bitfield(holder.bitfield, self.layout.count)
+            pieces = {i for i in _indices(held, count)
                       if self.state.hashes[i] is not None and lacks.get(i, 0.0) <= now}
             self.sched.peer_update(holder.node_id, pieces, False, now)
         if seen != self.seen or answer.fetcher is not None or not self.answered:

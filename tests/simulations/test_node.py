@@ -208,5 +208,5 @@ def test_only_a_dead_coordinator_sends_a_download_solo(gone: bool) -> None:
     download = node.downloads[blob.digest] = BlobDownload(node, blob)
     download._unreachable("lookup", gone)
     assert download.solo == gone
-    assert download.slow == (not gone) and download.timeouts == gone
+    assert download.slow == (not gone) and download.lost == gone
     assert (len(download.upstream) == download.layout.count) == gone
