@@ -45,7 +45,7 @@ from p2pd.core.messages import (
     Replicated,
     Request,
 )
-from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel
+from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel, State
 from p2pd.core.tuning import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING
 from p2pd.errors import P2PError, ProtocolError, RemoteProtocolError
 from p2pd.io.throttle import Throttle
@@ -393,7 +393,7 @@ class PeerLink:
             raise PeerUnavailable(f"peer {self.addr}: {self._failure}")
         try:
             async with self._send_lock:
-                await self._stream.send_all(self._conn.send(message))
+                await self._stream.send_all(self._frame(message))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise PeerUnavailable(f"peer {self.addr}: {exc}") from exc
 
@@ -406,7 +406,7 @@ class PeerLink:
         self._waiting[request_id] = send
         try:
             async with self._send_lock:
-                await self._stream.send_all(self._conn.send(make(request_id)))
+                await self._stream.send_all(self._frame(make(request_id)))
             async with receive:
                 async for answer in receive:
                     return answer
@@ -415,6 +415,13 @@ class PeerLink:
         finally:
             self._waiting.pop(request_id, None)
         raise PeerUnavailable(f"peer {self.addr}: {self._failure or 'connection closed'}")
+
+    def _frame(self, message: Message) -> bytes:
+        """``message``'s bytes, or :class:`PeerUnavailable` if the connection has ended:
+        the reader may have seen it close before it recorded why."""
+        if self._conn.state in (State.CLOSED, State.ERROR):
+            raise PeerUnavailable(f"peer {self.addr}: {self._failure or 'connection closed'}")
+        return self._conn.send(message)
 
     async def _read(self) -> None:
         wakeups = _Wakeups(self._stream)
