@@ -10,10 +10,13 @@ one core, minus the socket reads and writes — decode the frame
 
 For each number of holders and blob size (its pieces by the daemon's size rule): a swarm
 where that many nodes announced a random half of the pieces (and their hashes), then,
-for ``--seconds`` each, lookups from those nodes in turn, and announcements of one more
-piece from them in turn. Reported: microseconds per lookup and per announcement, the
-lookups per second one core can answer, the size of a lookup's answer, and how many
-nodes a coordinator could serve at one lookup per
+for ``--seconds`` each: lookups from 16 of them in turn (each answer built for its
+asker); lookups from all of them in turn (with more than
+:data:`p2pd.core.tuning.SHARE_ANSWERS_ABOVE` askers: shared answers); announcements of
+one more piece from them in turn (with that piece's hash: the daemon sends a coordinator
+only the hashes it has not sent it). Reported: microseconds per lookup of either kind
+and per announcement, the lookups per second one core can answer, the size of a
+lookup's answer, and how many nodes a coordinator could serve at one lookup per
 :data:`p2pd.core.tuning.LOOKUP_INTERVAL` each (per blob being pulled).
 """
 
@@ -32,7 +35,7 @@ from p2pd.core.membership import Membership
 from p2pd.core.messages import Announce, Lookup, Peers
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.protocol import FrameReader, encode_frame
-from p2pd.core.tuning import LOOKUP_INTERVAL
+from p2pd.core.tuning import LOOKUP_INTERVAL, SHARE_ANSWERS_ABOVE
 from p2pd.io.swarm import Swarm
 
 DIGEST = "sha256:" + "5a" * 32
@@ -57,22 +60,16 @@ async def _measure(holders: int, size: int, seconds: float, seed: int) -> dict[s
         held: dict[str, set[int]] = {}
         for i, name in enumerate(names):
             mine = held[name] = set(rng.sample(range(pieces), pieces // 2))
-            announce = Announce(DIGEST, size, piece_size, pack_bitfield(mine, pieces), False,
-                                f"127.0.0.{1 + i % 250}:{7000 + i // 250}",
+            bits = pack_bitfield(mine, pieces)
+            announce = Announce(DIGEST, size, piece_size, bits, False,
+                                f"127.0.0.{1 + i % 250}:{7000 + i // 250}", bits,
                                 b"".join(bytes([j % 251]) * 32 for j in sorted(mine)))
             swarm.on_announce(name, announce)
-        # lookups, from every holder in turn
-        count, answer_bytes = 0, 0
-        began = time.perf_counter()
-        while time.perf_counter() - began < seconds:
-            for name in names[:64]:
-                asked = _roundtrip(encode_frame(Lookup(count, DIGEST, size)))
-                assert isinstance(asked, Lookup)
-                answer = swarm.on_lookup(name, asked)
-                assert isinstance(answer, Peers) and answer.holders
-                answer_bytes = len(encode_frame(answer))
-                count += 1
-        lookup = (time.perf_counter() - began) / count
+        # lookups from 16 holders in turn (each answer built for its asker), then from
+        # all of them in turn (more than SHARE_ANSWERS_ABOVE: shared answers)
+        lookup, answer_bytes = _lookups(swarm, names[:16], size, seconds)
+        shared = _lookups(swarm, names, size, seconds)[0] \
+            if holders > SHARE_ANSWERS_ABOVE else float("nan")
         # announcements of one more piece each (a bitfield and the new piece's hash)
         done = 0
         began = time.perf_counter()
@@ -80,12 +77,12 @@ async def _measure(holders: int, size: int, seconds: float, seed: int) -> dict[s
             name = names[done % holders]
             mine = held[name]
             missing = [j for j in range(pieces) if j not in mine]
-            if missing:
-                mine.add(missing[0])
+            new = missing[:1]
+            mine.update(new)
             frame = encode_frame(Announce(
                 DIGEST, size, piece_size, pack_bitfield(mine, pieces), len(mine) == pieces,
-                f"127.0.0.{1 + done % 250}:7000", b"".join(bytes([j % 251]) * 32
-                                                        for j in sorted(mine))))
+                f"127.0.0.{1 + done % 250}:7000", pack_bitfield(new, pieces),
+                b"".join(bytes([j % 251]) * 32 for j in new)))
             message = _roundtrip(frame)
             assert isinstance(message, Announce)
             swarm.on_announce(name, message)
@@ -93,8 +90,25 @@ async def _measure(holders: int, size: int, seconds: float, seed: int) -> dict[s
         announce_cost = (time.perf_counter() - began) / done
         nursery.cancel_scope.cancel()
     return {"holders": holders, "pieces": pieces, "lookup_us": lookup * 1e6,
-            "announce_us": announce_cost * 1e6, "lookups_per_s": 1 / lookup,
-            "answer_bytes": answer_bytes, "nodes_served": LOOKUP_INTERVAL / lookup}
+            "shared_lookup_us": shared * 1e6, "announce_us": announce_cost * 1e6,
+            "lookups_per_s": 1 / lookup, "answer_bytes": answer_bytes,
+            "nodes_served": LOOKUP_INTERVAL / (lookup if holders <= SHARE_ANSWERS_ABOVE
+                                               else shared)}
+
+
+def _lookups(swarm: Swarm, names: list[str], size: int, seconds: float) -> tuple[float, int]:
+    """Seconds per lookup from ``names`` in turn, and the size of an answer."""
+    count, answer_bytes = 0, 0
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        for name in names:
+            asked = _roundtrip(encode_frame(Lookup(count, DIGEST, size)))
+            assert isinstance(asked, Lookup)
+            answer = swarm.on_lookup(name, asked)
+            assert isinstance(answer, Peers) and answer.holders
+            answer_bytes = len(encode_frame(answer))
+            count += 1
+    return (time.perf_counter() - began) / count, answer_bytes
 
 
 def main() -> None:
@@ -106,7 +120,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
-    print("holders  pieces  lookup us  announce us  lookups/s/core  answer B  "
+    print("holders  pieces  lookup us  shared us  announce us  lookups/s/core  answer B  "
           "nodes per coordinator at one lookup per interval")
     for size_mb in map(float, args.size_mb.split(",")):
         for holders in map(int, args.holders.split(",")):
@@ -114,6 +128,7 @@ def main() -> None:
                            args.seed)
             rows.append(row)
             print(f"{holders:7d}  {row['pieces']:6.0f}  {row['lookup_us']:9.0f}  "
+                  f"{row['shared_lookup_us']:9.0f}  "
                   f"{row['announce_us']:11.0f}  {row['lookups_per_s']:14.0f}  "
                   f"{row['answer_bytes']:8d}  {row['nodes_served']:6.0f}", flush=True)
     if args.json:

@@ -88,7 +88,7 @@ async def run_daemon(
                                     on_protocol_error=metrics.peer_protocol_errors.inc,
                                     coordinator=swarm, upload=Throttle(config.upload_limit),
                                     max_uploads=config.max_uploads,
-                                    replicate=blobs.replicate)
+                                    replicate=blobs.replicate, holdings=blobs.holdings)
                 await nursery.start(peers.serve, peer_listeners)
                 log.info("p2pd peer port on %s as node %s", _address(peer_listeners), node_id)
             await nursery.start(serve_http, listeners, mirror.handle)
@@ -146,6 +146,7 @@ async def _start_swarm(
             # Discovery reports changes only; liveness wants to hear of members regularly.
             membership.update(discovered, now)
             swarm.coordinator.expire(now)
+            swarm.forget_down(now)
             seen = membership.statistics(now)
             metrics.peers.labels("alive").set(seen.alive - 1 - seen.suspect)
             metrics.peers.labels("suspect").set(seen.suspect)

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
     "p2pd/core/tuning.py",
     "p2pd/core/pieces.py",
+    "p2pd/core/bitfield.py",
     "p2pd/core/peerscore.py",
     "p2pd/core/scheduler.py",
     "p2pd/core/membership.py",

@@ -15,6 +15,9 @@ piece arrived for :data:`STUCK_AFTER`; ``tick``; then carry out ``next_actions``
 ``FetchUpstream`` a ``Range`` request to the registry per contiguous run, streamed as
 one flow per piece. Arrivals feed ``piece_received`` / ``upstream_received`` /
 ``refused``; held pieces are announced (full snapshot) within :data:`ANNOUNCE_DELAY`.
+A piece arriving from a peer brings the pieces that peer held when it began to send it
+(its ``HAVE``), of which the asker takes those whose hash it knows: the pieces its
+last lookup showed announced (``PeerList.announced``).
 Holders serve at most :data:`MAX_UPLOADS` requests at once; up to :data:`MAX_WAITING`
 more wait for a slot and are refused as busy after :data:`BUSY_AFTER`, any beyond are
 refused at once, like ``p2pd/io/peer.py``; the asker's scheduler rests that peer.
@@ -39,8 +42,9 @@ Simplifications (each a deliberate difference from the daemon):
   ``RPC_TIMEOUT``) is given up on (the coordinator is asked again later), and a dead
   coordinator sends the download solo. Messages are never lost; a node fails only by
   crashing (``--failures``).
-- No integrity: every piece verifies, piece hashes are taken as known (the daemon only
-  counts a holder's pieces once the table has their hash), so announcements carry none.
+- No integrity: every piece verifies, and announcements carry no hashes; a piece's hash
+  counts as known to a node once a lookup answer showed the piece announced (the
+  daemon's answers carry the table of the hashes announced).
 - A holder known to be complete is fed with ``complete=True`` (the same mask as listing
   every piece, without building it).
 - ``CancelRequest`` is ignored, as ``_Fetch.run`` ignores it: endgame duplicates run on.
@@ -67,6 +71,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from p2pd.core.bitfield import indices_of_mask
 from p2pd.core.coordinator import Coordinator, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout
@@ -104,13 +109,18 @@ CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyo
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
 _LOOKUP, _LEASE = "lookup", "lease"
 
-COORDINATOR_CPU = {"lookup": (300e-6, 0.3e-6), "announce": (27e-6, 0.67e-6),
-                   "lease": (27e-6, 0.67e-6)}
+COORDINATOR_CPU = {"lookup": (300e-6, 0.3e-6), "shared lookup": (32e-6, 0.01e-6),
+                   "announce": (25e-6, 0.17e-6), "lease": (25e-6, 0.17e-6)}
 """Seconds of one core a coordinator spends on a message: ``fixed + per_piece x pieces``
 of the blob. Fitted to ``python -m benchmarks.bench_coordinator --holders 4096`` (the
 daemon's own path from frame to answer frame, socket I/O left out, so a lower bound):
-lookups 323 / 386 / 419 µs and announcements 65 / 175 / 284 µs at 64 / 256 / 384 pieces.
-A lease request is taken to cost what an announcement does (it was not measured)."""
+lookups built for their asker 294 / 383 / 418 µs, shared lookups (a swarm of more than
+``SHARE_ANSWERS_ABOVE`` askers) 33 / 35 / 36 µs, announcements of one new piece 40 / 63 /
+84-124 µs at 64 / 256 / 384 pieces. A lookup is charged as shared when more than
+``SHARE_ANSWERS_ABOVE`` nodes have asked the coordinator about the blob by the time it
+gets to it (the few answers it rebuilds, at most ``SHARED_ANSWERS`` per ``ANSWER_TTL``
+per blob, are charged as shared too). A lease request is taken to cost what an
+announcement does (it was not measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +156,6 @@ class BlobSpec:
     size: int
 
 
-def _indices(bits: int) -> list[int]:
-    out = []
-    while bits:
-        low = bits & -bits
-        out.append(low.bit_length() - 1)
-        bits ^= low
-    return out
-
-
 class SimNode:
     """One simulated host running p2pd (see the module docstring)."""
 
@@ -179,6 +180,9 @@ class SimNode:
         self.dead: set[str] = set()  # peers found dead (membership)
         self.crashed = False
         self.cpu_free = 0.0  # when this node's coordinator is through its queued work
+        # who sent this node's coordinator lookups or lease requests, per blob: as many as
+        # it will have seen when it works through the next one (its queue is FIFO)
+        self.askers: dict[str, set[str]] = {}
         self.done_at: float | None = None
         self.started_at: float | None = None
 
@@ -367,9 +371,11 @@ class SimNode:
             del self._uploads[flow]
             self._slot_freed()
 
+        bits = self.held.get(digest, 0)
+
         def done() -> None:
             if not asker.crashed:
-                asker.downloads[digest].from_peer(self.name, index)
+                asker.downloads[digest].from_peer(self.name, index, bits)
 
         flow = self.network.transfer(self.host, asker.host, length, done, tag="peer",
                                      on_sent=sent)
@@ -439,6 +445,7 @@ class BlobDownload:
         self.answer_time = 0.0  # how long the last answered lookup took
         self.lookup_sent = 0.0
         self.seen = 0  # pieces lookups showed held by someone (a mask)
+        self.hashed = 0  # pieces whose hash we know (announced by our last lookup's time)
         self.answered = False  # a lookup was answered (or the first one given up on)
         self.completed = False
         # What each peer was last fed with: feeding the same bits again is a no-op unless
@@ -560,9 +567,11 @@ class BlobDownload:
             return coordinator.lookup(blob.digest, blob.size, name, self.engine.now)
 
         self.lookup_sent = self.engine.now
+        askers = target.askers.setdefault(blob.digest, set())
+        askers.add(name)
+        kind = "shared lookup" if len(askers) > coordinator.share_above else "lookup"
         self.node.call(target, query, self._peers, timeout=partial(self._unreachable, _LOOKUP),
-                       cost=target.cpu_cost("lookup", self.layout.count),
-                       patience=LOOKUP_TIMEOUT)
+                       cost=target.cpu_cost(kind, self.layout.count), patience=LOOKUP_TIMEOUT)
 
     def _answered(self, kind: str) -> None:
         """The answer to ``kind`` (or its timeout) came: the loop goes on if it waited."""
@@ -605,35 +614,40 @@ class BlobDownload:
         self.next_lookup = self.engine.now + lookup_wait(self.node.rng,
                                                          self.node.limits.lookup_jitter)
         now = self.engine.now
-        fed, sched, me = self._fed, self.sched, self.node.name
         seen = self.seen
+        self.hashed |= answer.announced
         for holder in answer.holders:
-            peer_id, bits = holder.node_id, holder.bits
-            seen |= bits
-            before = fed.get(peer_id)
-            if before == bits or peer_id == me or peer_id in self.node.dead:
-                continue
-            lacks = self._lacks(peer_id, now)
-            bits &= ~lacks
-            if before == bits:
-                continue
-            fed[peer_id] = bits
-            if holder.complete and not lacks:
-                sched.peer_update(peer_id, (), True, now)
-                continue
-            if before is not None and bits & before == before:
-                # Only new pieces since the last feed, and the scheduler's view is still
-                # exactly what was fed (``_fed`` is cleared on refusals and timeouts):
-                # ``peer_has`` of the difference leaves the scheduler in the state
-                # ``peer_update`` of all of them would, at a fraction of the cost.
-                sched.peer_has(peer_id, _indices(bits & ~before), now)
-                continue
-            sched.peer_update(peer_id, _indices(bits), False, now)
-        if seen != self.seen or answer.fetchers or not self.answered:
-            # the swarm makes progress, or someone fetches upstream: not stuck
+            seen |= holder.bits
+            self._feed(holder.node_id, holder.bits, holder.complete, now)
+        me = self.node.name
+        fetcher = any(lease.node_id != me for lease in answer.fetchers)
+        if seen != self.seen or fetcher or not self.answered:
+            # the swarm makes progress, or someone else fetches upstream: not stuck
             self.seen, self.last_progress = seen, now
         self.answered = True
         self.poke()
+
+    def _feed(self, peer_id: str, bits: int, complete: bool, now: float) -> None:
+        """Tell the scheduler that ``peer_id`` holds ``bits`` (minus what it refused)."""
+        fed = self._fed
+        before = fed.get(peer_id)
+        if before == bits or peer_id == self.node.name or peer_id in self.node.dead:
+            return
+        lacks = self._lacks(peer_id, now)
+        bits &= ~lacks
+        if before == bits:
+            return
+        fed[peer_id] = bits
+        if complete and not lacks:
+            self.sched.peer_update(peer_id, (), True, now)
+        elif before is not None and bits & before == before:
+            # Only new pieces since the last feed, and the scheduler's view is still
+            # exactly what was fed (``_fed`` is cleared on refusals and timeouts):
+            # ``peer_has`` of the difference leaves the scheduler in the state
+            # ``peer_update`` of all of them would, at a fraction of the cost.
+            self.sched.peer_has(peer_id, indices_of_mask(bits & ~before), now)
+        else:
+            self.sched.peer_update(peer_id, indices_of_mask(bits), False, now)
 
     def _lacks(self, peer_id: str, now: float) -> int:
         """The pieces ``peer_id`` refused as missing lately (a mask), dropping old ones."""
@@ -657,6 +671,7 @@ class BlobDownload:
             return coordinator.request_lease(blob.digest, blob.size, name, self.engine.now)
 
         self.lease_asked = self.engine.now
+        target.askers.setdefault(blob.digest, set()).add(name)
         self.node.call(target, query, self._granted, timeout=partial(self._unreachable, _LEASE),
                        cost=target.cpu_cost("lease", self.layout.count))
 
@@ -706,9 +721,16 @@ class BlobDownload:
         self.engine.schedule(delay, partial(holder.on_requests, self.node, self.blob.digest,
                                             indices))
 
-    def from_peer(self, peer_id: str, index: int) -> None:
-        """Piece ``index`` arrived from ``peer_id`` (it always verifies here)."""
-        self.sched.piece_received(peer_id, index, True, self.engine.now)
+    def from_peer(self, peer_id: str, index: int, bits: int) -> None:
+        """Piece ``index`` arrived from ``peer_id`` (it always verifies here), after the
+        pieces it held when it began to send it (``bits``, its ``HAVE``)."""
+        now = self.engine.now
+        if bits & ~self.seen:
+            self.seen, self.last_progress = self.seen | bits, now
+        # only pieces whose hash we know: those announced by our last lookup's time
+        complete = bits == (1 << self.layout.count) - 1
+        self._feed(peer_id, bits & self.hashed, complete and bits == self.hashed, now)
+        self.sched.piece_received(peer_id, index, True, now)
         self._held(index)
 
     def refused(self, peer_id: str, index: int, busy: bool) -> None:
@@ -773,7 +795,9 @@ class BlobDownload:
             return  # a late copy (endgame duplicate): nothing to tell
         self.announce_due = True
         if self._announcer is None:
-            # no more often than the coordinator answers lookups (as the daemon)
-            self._announcer = self.engine.schedule(max(ANNOUNCE_DELAY, self.lookup_time),
-                                                   self._announce_due)
+            # no more often than the coordinator answers lookups, but a fetcher's at once
+            # (as the daemon)
+            delay = ANNOUNCE_DELAY if self.sched.fetching_upstream \
+                else max(ANNOUNCE_DELAY, self.lookup_time)
+            self._announcer = self.engine.schedule(delay, self._announce_due)
         self.poke()

@@ -61,6 +61,16 @@ def mask_of_bitfield(bits: bytes, count: int) -> int:
     return int.from_bytes(bits.translate(_REVERSED), "little")
 
 
+def indices_of_mask(mask: int) -> list[int]:
+    """The positions of the bits set in ``mask``, ascending, in one step per bit set."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
 def unpack_bitfield(bits: bytes, count: int) -> frozenset[int]:
     """The set of pieces that ``bits`` (a bitfield of ``count`` pieces) holds."""
     check_bitfield(bits, count)

@@ -19,11 +19,13 @@ that meaning is checked when a message is made (see :func:`_check`):
     piece_size                   exactly ``piece_size_for(size)``
     bitfield, complete           exact-length bitfield, unused bits zero;
                                  ``complete`` requires every piece
+    hashed                       a bitfield of pieces in ``bitfield`` (those
+                                 whose hashes an ``ANNOUNCE`` carries)
     index, first/last_piece      piece indices below the count; first ≤ last
     data                         exactly the length of piece ``index``
     holders                      tuple of ≤ 64 :class:`Holder`, distinct nodes
     hashes                       concatenated 32-byte sha256 values: in ``ANNOUNCE``
-                                 one per piece held (bitfield order); in ``PEERS``
+                                 one per piece in ``hashed`` (in order); in ``PEERS``
                                  none, or one per piece with 32 zero bytes for unknown
     ===========================  ==============================================
 
@@ -194,6 +196,7 @@ _RULES: Final[dict[str, Callable[[str, object], object]]] = {
     "digest": lambda _name, value: _digest(value),
     "addr": lambda _name, value: _addr(value),
     "bitfield": lambda name, value: _typed(name, value, bytes, MAX_BITFIELD),
+    "hashed": lambda name, value: _typed(name, value, bytes, MAX_BITFIELD),
     "data": lambda name, value: _typed(name, value, bytes, MAX_PIECE),
     "complete": _bool,
     "granted": _bool,
@@ -214,6 +217,11 @@ def _check(values: dict[str, object]) -> None:
         _fail(f"piece_size is not {layout.piece_size}, the size rule's for {layout.size} bytes")
     if "bitfield" in values:
         _holdings(layout, cast(bytes, values["bitfield"]), values["complete"] is True)
+    if "hashed" in values:
+        hashed, held = cast(bytes, values["hashed"]), cast(bytes, values["bitfield"])
+        _holdings(layout, hashed, False)
+        if int.from_bytes(hashed, "big") & ~int.from_bytes(held, "big"):
+            _fail("hashed names a piece the bitfield does not")
     for holder in cast(tuple[Holder, ...], values.get("holders", ())):
         _holdings(layout, holder.bitfield, holder.complete)
     for name in ("index", "first_piece", "last_piece"):
@@ -223,10 +231,10 @@ def _check(values: dict[str, object]) -> None:
         _fail("first_piece is after last_piece")
     if "hashes" in values:
         hashes = cast(bytes, values["hashes"])
-        if "bitfield" in values:
-            wanted = 32 * count_pieces(cast(bytes, values["bitfield"]))
+        if "hashed" in values:
+            wanted = 32 * count_pieces(cast(bytes, values["hashed"]))
             if len(hashes) != wanted:
-                _fail(f"hashes must hold one sha256 per piece held ({wanted} bytes)")
+                _fail(f"hashes must hold one sha256 per piece hashed ({wanted} bytes)")
         elif len(hashes) not in (0, 32 * layout.count):
             _fail(f"hashes must be empty or hold {layout.count} sha256 values")
     if "data" in values:
@@ -361,7 +369,10 @@ class Cancel(_Checked):
 
 @dataclass(frozen=True, slots=True)
 class Announce(_Checked):
-    """Tell a blob's coordinator which pieces the sender holds and where to get them."""
+    """Tell a blob's coordinator which pieces the sender holds and where to get them, with
+    the hashes of the pieces in ``hashed``: those it has not told this coordinator yet
+    (so a steady stream of announcements costs the coordinator one hash each, not the
+    whole table each)."""
 
     TAG: ClassVar[int] = 11
     digest: str
@@ -370,6 +381,7 @@ class Announce(_Checked):
     bitfield: bytes
     complete: bool
     addr: str
+    hashed: bytes
     hashes: bytes
 
 

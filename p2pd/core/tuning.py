@@ -44,12 +44,21 @@ unanswered for :data:`LOOKUP_TIMEOUT`), showed a piece held that none had shown 
 or showed someone fetching upstream (a live lease): a swarm
 that makes progress is not stuck, only slow to reach us (at thousands of nodes the
 coordinator's first answers alone take seconds)."""
+GONE_RETRY = 5.0
+"""A peer that could not be reached is not asked for pieces for this long, whatever
+lookups say (its coordinator counts it as a holder until membership finds it down)."""
 MISSING_RETRY = 2.0
 """A peer that refused a piece it announced is asked for it again after this long (it
 may have been about to publish it; or the coordinator's view of it is stale)."""
 RPC_TIMEOUT = 3.0
 """A coordinator that has not answered a lookup or lease request by then counts as
 unreachable: the download goes on without it (solo: upstream for what no known peer has)."""
+SHARE_ANSWERS_ABOVE = 64
+"""A blob's coordinator with more askers than this hands out recent answers, each built
+for one of them, instead of building one per lookup (see ``p2pd.core.coordinator``)."""
+ANSWER_TTL = 0.1
+"""How long a shared answer is handed out: at most this much older than one built for
+the asker (less than :data:`LOOKUP_INTERVAL`, so it adds less than a lookup's wait)."""
 LOOKUP_TIMEOUT = 6.0
 """How long a lookup may wait for its answer (then the coordinator is taken as hung: the
 download goes on with the peers it knows, and :data:`STUCK_AFTER` later upstream). Longer

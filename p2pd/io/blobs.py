@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 import trio
 
+from p2pd.core.bitfield import bitfield_of_mask, full_bitfield
 from p2pd.core.digest import Digest
 from p2pd.core.lru import LruPolicy
 from p2pd.core.messages import (
@@ -343,6 +344,18 @@ class BlobService:
             log.warning("cache: blob %s damaged on disk; dropped", digest.short)
             await self._delete(digest)
         self._update_gauges()
+
+    def holdings(self, digest_text: str, size: int) -> tuple[bytes, bool] | None:
+        """The pieces of a blob this node serves to peers (a bitfield) and whether it is
+        complete, or ``None`` if it serves none (told to askers in ``HAVE``)."""
+        digest = Digest.parse(digest_text)  # checked when the message was decoded
+        dl = self.downloads.get(digest)
+        if dl is not None and dl.layout.size == size:
+            return bitfield_of_mask(dl.published_mask, dl.layout.count), False
+        table = self.tables.get(digest)
+        if table is not None and table.size == size:
+            return full_bitfield(table.layout.count), True
+        return None
 
     async def piece_for_peer(self, digest_text: str, size: int, index: int) -> bytes | None:
         """Verified bytes of a piece for a peer, or ``None`` if this node does not hold it.

@@ -28,6 +28,7 @@ class Download:
     layout: PieceLayout
     hashes: list[bytes | None] = field(default_factory=list)
     published: list[bool] = field(default_factory=list)
+    published_mask: int = 0  # the same, bit i = piece i (told to peers in HAVE)
     error: BaseException | None = None
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
@@ -49,6 +50,7 @@ class Download:
 
     def publish(self, index: int) -> None:
         self.published[index] = True
+        self.published_mask |= 1 << index
         self._notify()
 
     def remember(self, index: int, data: bytes) -> None:

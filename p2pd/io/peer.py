@@ -32,6 +32,7 @@ from p2pd.core.messages import (
     REPLICATED_UNSUPPORTED,
     Announce,
     Error,
+    Have,
     Lease,
     LeaseGrant,
     Lookup,
@@ -45,6 +46,7 @@ from p2pd.core.messages import (
     Replicated,
     Request,
 )
+from p2pd.core.pieces import piece_size_for
 from p2pd.core.protocol import CLOSED, MAX_FEED, NEED_DATA, PeerConnection, Sentinel, State
 from p2pd.core.tuning import BUSY_AFTER, MAX_UPLOADS, MAX_WAITING
 from p2pd.errors import P2PError, ProtocolError, RemoteProtocolError
@@ -64,6 +66,10 @@ PieceSource = Callable[[str, int, int], Awaitable[bytes | None]]
 """``(digest, size, index) -> verified piece bytes, or None if this node lacks them``."""
 Replicator = Callable[[str, int], Awaitable[str]]
 """``(digest, size) -> REPLICATED_* reason``, once the blob is held or given up on."""
+Holdings = Callable[[str, int], "tuple[bytes, bool] | None"]
+"""``(digest, size) -> (bitfield, complete)`` of the pieces served, or None if none."""
+OnHave = Callable[[str, Have], None]
+"""``(peer node id, HAVE)``: a peer told us which pieces of a blob it holds."""
 
 
 class Coordinating(Protocol):
@@ -105,6 +111,7 @@ class PeerService:
     max_uploads: int = MAX_UPLOADS
     max_waiting: int = MAX_WAITING
     replicate: Replicator | None = None
+    holdings: Holdings | None = None
     _slots: trio.Semaphore | None = None
 
     async def serve(
@@ -213,17 +220,31 @@ class PeerService:
                 slot = True
         if not slot:
             self.stats.refusals += 1
+            await self._tell(conn, send, request)
             await send(conn.send(_busy(request)))
             return
         try:
             reply = await self._piece(request)
             if isinstance(reply, Piece):  # paid before it goes: uploads run side by side
                 await self.upload.moved(len(reply.data))
+                await self._tell(conn, send, request)
             if not await send(conn.send(reply), timeout=SEND_TIMEOUT):
                 # A peer that stops reading must not keep an upload slot forever.
                 raise RemoteProtocolError("peer stopped reading a piece")
         finally:
             slots.release()
+
+    async def _tell(self, conn: PeerConnection, send: _Sender, request: Request) -> None:
+        """Send the asker a ``HAVE`` of the blob first if our pieces changed since we last
+        told it: a peer we trade with learns our new pieces as they come, between its
+        lookups (whose answers the coordinator may hand out a moment old)."""
+        held = self.holdings(request.digest, request.size) if self.holdings else None
+        key = (request.digest, request.size)
+        if held is None or send.told.get(key) == held[0]:
+            return
+        send.told[key] = held[0]
+        await send(conn.send(Have(request.digest, request.size, piece_size_for(request.size),
+                                  *held)))
 
     async def _piece(self, message: Request) -> Piece | Refuse:
         data = await self.pieces(message.digest, message.size, message.index)
@@ -313,6 +334,7 @@ class _Sender:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.uploads = 0  # piece requests being answered on this connection
+        self.told: dict[tuple[str, int], bytes] = {}  # the last HAVE sent, per blob
         self._lock = trio.Lock()
 
     async def __call__(self, data: bytes, *, timeout: float = math.inf) -> bool:
@@ -354,10 +376,11 @@ class PeerLink:
 
     def __init__(
         self, conn: PeerConnection, stream: trio.SocketStream, addr: str,
-        download: Throttle | None = None,
+        download: Throttle | None = None, on_have: OnHave | None = None,
     ) -> None:
         self.addr = addr
         self._download = download
+        self._on_have = on_have
         self._conn = conn
         self._stream = stream
         self._send_lock = trio.Lock()
@@ -434,6 +457,10 @@ class PeerLink:
                 if isinstance(event, Error):
                     self._failure = PeerUnavailable(f"peer error {event.code}: {event.message}")
                     break
+                if isinstance(event, Have):
+                    if self._on_have is not None:
+                        self._on_have(self.peer_id, event)
+                    continue
                 request_id = getattr(event, "request_id", None)
                 waiter = self._waiting.pop(request_id, None) if request_id else None
                 if waiter is not None:
@@ -457,6 +484,7 @@ class PeerLink:
 async def open_peer_link(
     addr: str, node_id: str, secret: bytes | None, *, rng: random.Random | None = None,
     timeout: float = HANDSHAKE_TIMEOUT, download: Throttle | None = None,
+    on_have: OnHave | None = None,
 ) -> AsyncIterator[PeerLink]:
     """Connect to the peer at ``addr`` (``HOST:PORT``) and complete the handshake.
 
@@ -479,7 +507,7 @@ async def open_peer_link(
                                           f"{getattr(event, 'message', 'closed')}")
     except (OSError, trio.TooSlowError, RemoteProtocolError) as exc:
         raise PeerUnavailable(f"peer {addr}: {exc}") from exc
-    link = PeerLink(conn, stream, addr, download)
+    link = PeerLink(conn, stream, addr, download, on_have)
     async with stream, trio.open_nursery() as nursery:
         nursery.start_soon(link._read)
         try:

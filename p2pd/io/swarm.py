@@ -12,9 +12,13 @@ take the pieces from it as they arrive. A node asks for one lease at a time, and
 it fetches one blob from upstream it waits :data:`LEASE_DEFER` before asking for
 another's (unless it is alone), so the layers of an image pulled everywhere at once are
 fetched by several nodes, not all through the first asker's link. Each node announces
-what it holds (with the hashes of pieces it fetched itself) as it goes and, for
-complete blobs, every :data:`REANNOUNCE` seconds, so a new coordinator rebuilds its
-state within that time.
+what it holds as it goes (with the hashes it has not told that coordinator yet) and,
+for complete blobs, every :data:`REANNOUNCE` seconds, so a new coordinator rebuilds its
+state within that time. A node answering a piece request first sends the asker a
+``HAVE`` of its pieces when they changed since it last told it, so trading partners
+learn each other's progress between lookups. A coordinator with many askers hands out
+shared answers (``p2pd.core.coordinator``), and forgets the holders membership finds
+down.
 Whatever goes wrong with peers or the coordinator, the node falls back to fetching from
 the registry itself: a pull never fails for want of peers.
 """
@@ -28,12 +32,24 @@ from dataclasses import dataclass
 
 import trio
 
-from p2pd.core.bitfield import bitfield_of_mask, mask_of_bitfield, pack_bitfield
-from p2pd.core.coordinator import Coordinator
-from p2pd.core.membership import Member, Membership, coordinator_for, rendezvous_order
+from p2pd.core.bitfield import (
+    bitfield_of_mask,
+    indices_of_mask,
+    mask_of_bitfield,
+    pack_bitfield,
+)
+from p2pd.core.coordinator import Coordinator, PeerList
+from p2pd.core.membership import (
+    Liveness,
+    Member,
+    Membership,
+    coordinator_for,
+    rendezvous_order,
+)
 from p2pd.core.messages import (
     REFUSE_BUSY,
     Announce,
+    Have,
     Holder,
     Lease,
     LeaseGrant,
@@ -50,6 +66,7 @@ from p2pd.core.pieces import PieceLayout, piece_size_for
 from p2pd.core.scheduler import FetchUpstream, RequestPiece, Scheduler
 from p2pd.core.tuning import (
     ANNOUNCE_DELAY,
+    GONE_RETRY,
     HOLDER_TTL,
     LEASE_DEFER,
     LEASE_RETRY,
@@ -82,19 +99,30 @@ FetchRange = Callable[[int, int, Callable[[int, bytes], Awaitable[None]]], Await
 
 @dataclass
 class BlobState:
-    """What this node holds of one blob, as announced to its coordinator."""
+    """What this node holds of one blob, as announced to its coordinator.
+
+    ``taught``: the coordinator (its address) last sent an announcement, and the pieces
+    whose hashes it was sent: the next announcement to it carries only the others'.
+    A new coordinator (or this node's first announcement) gets the whole table.
+    """
 
     digest: str
     size: int
     count: int
     held: set[int]
     hashes: list[bytes | None]
+    taught: tuple[str, int] = ("", 0)
 
-    def announce(self, addr: str) -> Announce:
-        held = sorted(self.held)
-        table = b"".join(self.hashes[i] or ZERO for i in held)
-        return Announce(self.digest, self.size, piece_size_for(self.size),
-                        pack_bitfield(held, self.count), len(held) == self.count, addr, table)
+    def announce(self, addr: str, coordinator: str) -> tuple[Announce, int]:
+        """The announcement for ``coordinator``, and the pieces it teaches the hashes of."""
+        told = self.taught[1] if self.taught[0] == coordinator else 0
+        hashes = self.hashes
+        new = [i for i in sorted(self.held) if not told >> i & 1 and hashes[i] is not None]
+        table = b"".join(hashes[i] or ZERO for i in new)
+        msg = Announce(self.digest, self.size, piece_size_for(self.size),
+                       pack_bitfield(self.held, self.count), len(self.held) == self.count,
+                       addr, pack_bitfield(new, self.count), table)
+        return msg, told | sum(1 << i for i in new)
 
 
 class Swarm:
@@ -124,6 +152,8 @@ class Swarm:
         self.download = download
         self.held: dict[str, BlobState] = {}
         self._fetches: list[_Fetch] = []
+        # shared lookup answers (by id; the answer is kept too, so the id stays its own)
+        self._encoded: dict[int, tuple[PeerList, tuple[Holder, ...], bytes, str | None]] = {}
 
     # -- the coordinator side (called by the peer port) ---------------------------------
 
@@ -133,8 +163,9 @@ class Swarm:
         now = trio.current_time()
         count = _count(msg.size)
         pieces = mask_of_bitfield(msg.bitfield, count)
-        table = {i: msg.hashes[32 * n:32 * n + 32]
-                 for n, i in enumerate(_indices(pieces, count))} if msg.hashes else {}
+        table = {i: msg.hashes[32 * n:32 * n + 32] for n, i in
+                 enumerate(indices_of_mask(mask_of_bitfield(msg.hashed, count)))} \
+            if msg.hashes else {}
         self.coordinator.announce(msg.digest, msg.size, peer_id, msg.addr, pieces,
                                   msg.complete, table, now)
         self.membership.heard_from(msg.addr, now)
@@ -143,11 +174,19 @@ class Swarm:
         """Who holds pieces of a blob, and its piece table."""
         self._on_request("lookup")
         found = self.coordinator.lookup(msg.digest, msg.size, peer_id, trio.current_time())
-        count = _count(msg.size)
-        holders = tuple(Holder(h.node_id, h.addr, bitfield_of_mask(h.bits, count), h.complete)
-                        for h in found.holders[:64])
-        table = b"".join(h or ZERO for h in found.hashes) if any(found.hashes) else b""
-        fetcher = found.fetchers[0].node_id if found.fetchers else None
+        encoded = self._encoded.get(id(found)) if found.shared else None
+        if encoded is None or encoded[0] is not found:
+            count = _count(msg.size)
+            holders = tuple(Holder(h.node_id, h.addr, bitfield_of_mask(h.bits, count),
+                                   h.complete) for h in found.holders[:64])
+            table = b"".join(h or ZERO for h in found.hashes) if any(found.hashes) else b""
+            fetcher = found.fetchers[0].node_id if found.fetchers else None
+            encoded = (found, holders, table, fetcher)
+            if found.shared:  # handed out again: keep what it takes to encode it
+                if len(self._encoded) >= 64:
+                    self._encoded.clear()
+                self._encoded[id(found)] = encoded
+        _, holders, table, fetcher = encoded
         return Peers(msg.request_id, msg.digest, msg.size, holders, fetcher, table)
 
     def on_lease(self, peer_id: str, msg: Lease) -> LeaseGrant:
@@ -191,12 +230,24 @@ class Swarm:
         addr, control = key
         try:
             async with open_peer_link(addr, self.node_id, self.secret, rng=self.rng,
-                                      download=None if control else self.download) as link:
+                                      download=None if control else self.download,
+                                      on_have=None if control else self._on_have) as link:
                 self._links[key] = link
                 task_status.started(link)
                 await link.closed.wait()
         finally:
             self._links.pop(key, None)
+
+    def _on_have(self, peer_id: str, msg: Have) -> None:
+        for fetch in self._fetches:
+            if fetch.digest == msg.digest and fetch.size == msg.size:
+                fetch.on_have(peer_id, msg)
+
+    def forget_down(self, now: float) -> None:
+        """Drop the holders that membership finds down from what we coordinate."""
+        membership = self.membership
+        self.coordinator.forget_at({m.addr for m in membership.members()
+                                    if membership.status(m.node_id, now) is Liveness.DOWN})
 
     def _coordinator(self, digest: str) -> Member:
         return coordinator_for(digest, self.membership.alive(trio.current_time()))
@@ -228,10 +279,11 @@ class Swarm:
 
     async def announce(self, state: BlobState) -> None:
         """Tell the blob's coordinator what we hold (best effort)."""
-        msg = state.announce(self.addr)
         member = self._coordinator(state.digest)
+        msg, taught = state.announce(self.addr, member.addr)
         if member.addr == self.addr:
             self.on_announce(self.node_id, msg)
+            state.taught = (member.addr, taught)
             return
         try:
             with trio.fail_after(RPC_TIMEOUT):
@@ -245,6 +297,7 @@ class Swarm:
         try:
             with trio.fail_after(RPC_TIMEOUT):
                 await link.send(msg)
+            state.taught = (member.addr, taught)
         except trio.TooSlowError:
             log.debug("announce %s to %s: coordinator busy", state.digest[7:19], member.addr)
         except PeerUnavailable as exc:
@@ -350,6 +403,7 @@ class _Fetch:
         self.solo = False
         # pieces a peer said it lacks although announced, and until when to believe it
         self.refused: dict[str, dict[int, float]] = {}
+        self.gone: dict[str, float] = {}  # peers found unreachable: until when to skip
         self.last_progress = trio.current_time()
 
     def _poke(self) -> None:
@@ -428,11 +482,17 @@ class _Fetch:
             self._go_solo(f"coordinator unreachable: {exc}")
             return
         assert isinstance(answer, Peers)
-        if answer.hashes:
-            for i in range(self.layout.count):
-                value = answer.hashes[32 * i:32 * i + 32]
-                if value != ZERO and self.state.hashes[i] is None:
-                    self.state.hashes[i] = value
+        state, forgotten = self.state, False
+        for i in range(self.layout.count) if answer.hashes else ():
+            value = answer.hashes[32 * i:32 * i + 32]
+            if value == ZERO:
+                forgotten = forgotten or (i in state.held and state.hashes[i] is not None)
+            elif state.hashes[i] is None:
+                state.hashes[i] = value
+        if forgotten or (not answer.hashes and state.held):
+            # The coordinator lacks hashes we taught it (it restarted, or is new at the
+            # same address): the next announcement carries our whole table again.
+            state.taught = ("", 0)
         seen, count = self.seen, self.layout.count
         for holder in answer.holders:
             held = mask_of_bitfield(holder.bitfield, count)
@@ -440,14 +500,33 @@ class _Fetch:
             if holder.addr == self.swarm.addr:
                 continue
             self.addrs[holder.node_id] = holder.addr
-            lacks = self.refused.get(holder.node_id, {})
-            pieces = {i for i in _indices(held, count)
-                      if self.state.hashes[i] is not None and lacks.get(i, 0.0) <= now}
-            self.sched.peer_update(holder.node_id, pieces, False, now)
-        if seen != self.seen or answer.fetcher is not None or not self.answered:
-            # the swarm makes progress, or someone fetches upstream: not stuck
+            self._feed(holder.node_id, held, now)
+        fetcher = answer.fetcher not in (None, self.swarm.node_id)
+        if seen != self.seen or fetcher or not self.answered:
+            # the swarm makes progress, or someone else fetches upstream: not stuck
             self.seen, self.last_progress = seen, trio.current_time()
         self.answered = True
+
+    def _feed(self, peer_id: str, held: int, now: float) -> None:
+        """Tell the scheduler which pieces ``peer_id`` holds: those whose hash we know
+        (we could not check the others) and that it did not refuse lately."""
+        if self.gone.get(peer_id, 0.0) > now:
+            return
+        lacks = self.refused.get(peer_id, {})
+        pieces = {i for i in indices_of_mask(held)
+                  if self.state.hashes[i] is not None and lacks.get(i, 0.0) <= now}
+        self.sched.peer_update(peer_id, pieces, False, now)
+
+    def on_have(self, peer_id: str, msg: Have) -> None:
+        """A peer we asked for a piece told us what it holds now (``HAVE``)."""
+        if peer_id not in self.addrs or self.sched.done:
+            return
+        held = mask_of_bitfield(msg.bitfield, self.layout.count)
+        now = trio.current_time()
+        if held & ~self.seen:  # the swarm makes progress: not stuck
+            self.seen, self.last_progress = self.seen | held, now
+        self._feed(peer_id, held, now)
+        self._poke()
 
     async def _lease(self, now: float) -> None:
         self.leasing = True
@@ -491,8 +570,10 @@ class _Fetch:
                                                              index))
         except (PeerUnavailable, trio.TooSlowError) as exc:
             log.info("blob %s: peer %s unavailable: %s", self.digest[7:19], peer_id, exc)
-            self.swarm.membership.failed(self.addrs[peer_id], trio.current_time())
-            self.sched.peer_gone(peer_id, trio.current_time())
+            now = trio.current_time()
+            self.swarm.membership.failed(self.addrs[peer_id], now)
+            self.sched.peer_gone(peer_id, now)
+            self.gone[peer_id] = now + GONE_RETRY
             self._poke()
             return
         now = trio.current_time()
@@ -557,8 +638,10 @@ class _Fetch:
         while True:
             # No more often than the coordinator answers lookups: one that takes a second
             # to answer has a second's worth of messages queued; announcing every
-            # ANNOUNCE_DELAY would only lengthen its queue.
-            await trio.sleep(max(ANNOUNCE_DELAY, self.lookup_time))
+            # ANNOUNCE_DELAY would only lengthen its queue. But a fetcher's at once: they
+            # bring the swarm its first copies and keep its lease alive, and few fetch.
+            await trio.sleep(ANNOUNCE_DELAY if self.sched.fetching_upstream
+                             else max(ANNOUNCE_DELAY, self.lookup_time))
             if self.announce_due and not self.solo:
                 self.announce_due = False
                 await self.swarm.announce(self.state)
@@ -566,7 +649,3 @@ class _Fetch:
 
 def _count(size: int) -> int:
     return PieceLayout.for_size(size).count
-
-
-def _indices(bits: int, count: int) -> list[int]:
-    return [i for i in range(count) if bits >> i & 1]

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from p2pd.core.coordinator import Coordinator, CoordinatorStatistics, Lease, bitfield, pieces_of
+from p2pd.core.coordinator import (
+    SHARED_ANSWERS,
+    Coordinator,
+    CoordinatorStatistics,
+    Lease,
+    bitfield,
+    pieces_of,
+)
 from p2pd.core.pieces import MiB, PieceLayout
 
 DIGEST = "sha256:" + "ab" * 32
@@ -127,7 +134,36 @@ def test_a_big_swarm_still_answers_with_the_fetcher() -> None:
     assert peers.holders[0].node_id == "fetcher"  # the only one with piece 5
 
 
+def test_beyond_share_above_askers_lookups_share_answers_for_answer_ttl() -> None:
+    coordinator = make(share_above=4, answer_ttl=0.1)
+    for i in range(10):  # ten holders: every answer lists them all
+        announce(coordinator, f"h{i}", {i}, 0.0)
+    alone = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.0) for i in range(4)]
+    assert not any(answer.shared for answer in alone)
+    crowd = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.05) for i in range(4, 804)]
+    built = [answer for answer in crowd if not answer.shared]
+    assert 1 <= len(built) <= SHARED_ANSWERS  # one per kept answer
+    assert {a.holders for a in crowd} == {a.holders for a in built}
+    announce(coordinator, "h1", range(10), 1.1)  # h1 completes
+    stale = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.12) for i in range(4, 54)]
+    assert all(a.shared for a in stale)
+    assert all(h.bits == 1 << 1 for a in stale for h in a.holders if h.node_id == "h1")
+    fresh = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.16) for i in range(4, 54)]
+    assert all(h.complete for a in fresh for h in a.holders if h.node_id == "h1")
+
+
 # -- leases ----------------------------------------------------------------------------
+
+
+def test_holders_found_down_are_forgotten_and_their_pieces_leased_again() -> None:
+    coordinator = make(max_fetchers=2, split_threshold=0)  # segments 0-4 and 5-9
+    announce(coordinator, "dead", range(5), 0.0)  # at dead:7071
+    announce(coordinator, "live", range(3), 0.0)
+    assert coordinator.request_lease(DIGEST, SIZE, "asker", 1.0) == Lease("asker", 5, 10, 11.0)
+    coordinator.forget_at({"dead:7071"})
+    assert [h.node_id for h in coordinator.lookup(DIGEST, SIZE, "x", 1.0).holders] == ["live"]
+    assert coordinator.request_lease(DIGEST, SIZE, "other", 1.0) == Lease("other", 3, 5, 11.0)
+
 
 
 def test_a_lease_is_renewed_only_by_progress_in_its_range() -> None:

@@ -103,9 +103,11 @@ def haves(draw: st.DrawFn, announce: bool = False) -> Have | Announce:
     layout = PieceLayout.for_size(size)
     bits, complete = draw(holdings(layout.count))
     if announce:
-        table = draw(st.binary(min_size=32, max_size=32)) * count_pieces(bits)
+        subset = draw(st.binary(min_size=len(bits), max_size=len(bits)))
+        hashed = bytes(a & b for a, b in zip(bits, subset, strict=True))
+        table = draw(st.binary(min_size=32, max_size=32)) * count_pieces(hashed)
         return Announce(draw(digests), size, layout.piece_size, bits, complete, draw(addrs),
-                        table)
+                        hashed, table)
     return Have(draw(digests), size, layout.piece_size, bits, complete)
 
 
@@ -336,11 +338,11 @@ def test_malformed_bitfields() -> None:
         lambda: Hello(1, "n" * 129, bytes(16)),
         lambda: Error("Bad", ""), lambda: Error("x", "m" * 1025),
         lambda: Lease(0, DIGEST, SIZE, 2, 1), lambda: Refuse(0, DIGEST, SIZE, 0, ""),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "host", b""),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "host:0", b""),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "[::1%eth0]:80", b""),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "[zz::1]:80", b""),
-        lambda: Announce(DIGEST, 0, MiB, b"", True, "-bad-:80", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "host", b"", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "host:0", b"", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "[::1%eth0]:80", b"", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "[zz::1]:80", b"", b""),
+        lambda: Announce(DIGEST, 0, MiB, b"", True, "-bad-:80", b"", b""),
         lambda: Peers(0, DIGEST, 0, (Holder("a", "h:1", b"", True),) * 2, None, b""),
         lambda: Peers(0, DIGEST, SIZE, (Holder("a", "h:1", b"", True),), None, b""),
     ],
@@ -697,10 +699,17 @@ def test_a_valid_message_with_one_field_replaced_is_accepted_or_a_remote_error(
 def test_piece_tables_on_the_wire_must_match_the_pieces() -> None:
     layout = PieceLayout.for_size(SIZE)
     bits = full_bitfield(layout.count)
-    good = Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", b"\x01" * 32 * layout.count)
+    good = Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", bits,
+                    b"\x01" * 32 * layout.count)
     assert decode_message(encode_message(good)) == good
-    with pytest.raises(LocalProtocolError, match="one sha256 per piece held"):
-        Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", b"\x01" * 31)
+    with pytest.raises(LocalProtocolError, match="one sha256 per piece hashed"):
+        Announce(DIGEST, SIZE, layout.piece_size, bits, True, "h:1", bits, b"\x01" * 31)
+    first = pack_bitfield([0], layout.count)
+    assert decode_message(encode_message(Announce(
+        DIGEST, SIZE, layout.piece_size, bits, True, "h:1", first, b"\x01" * 32))).hashed == first
+    partial = pack_bitfield([1], layout.count)
+    with pytest.raises(LocalProtocolError, match="hashed names a piece the bitfield does not"):
+        Announce(DIGEST, SIZE, layout.piece_size, partial, False, "h:1", first, b"\x01" * 32)
     with pytest.raises(LocalProtocolError, match="empty or hold"):
         Peers(1, DIGEST, SIZE, (), None, b"\x01" * 32)
 

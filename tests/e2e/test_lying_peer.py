@@ -85,7 +85,7 @@ async def test_a_peer_sending_bad_pieces_is_blamed_and_the_pull_succeeds(
             async with open_peer_link(coordinator, "liar", None) as link:
                 await link.send(Announce(layer.digest, layer.size, layout.piece_size,
                                          full_bitfield(layout.count), True, addrs["liar"],
-                                         hashes))
+                                         full_bitfield(layout.count), hashes))
             got = await trio.to_thread.run_sync(
                 lambda: httpx.get(b.url + url, trust_env=False, timeout=60).content)
             nursery.cancel_scope.cancel()

@@ -15,7 +15,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pd.core.messages import PROTOCOL_VERSION, Hello, Ping, Request
+from p2pd.core.bitfield import full_bitfield
+from p2pd.core.messages import PROTOCOL_VERSION, Have, Hello, Ping, Request
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.protocol import encode_frame
 from p2pd.io.peer import PeerUnavailable, open_peer_link
@@ -54,7 +55,9 @@ async def test_a_peer_gets_every_piece_of_a_cached_blob_and_a_refusal_for_others
         layer = max(pushed_image.image.layers, key=lambda b: b.size)
         truth = pushed_image.image.blob_path(layer.digest).read_bytes()
         layout = PieceLayout.for_size(layer.size)
-        async with open_peer_link(daemon.peer_addr, "node-b", None) as link:
+        haves: list[tuple[str, Have]] = []
+        async with open_peer_link(daemon.peer_addr, "node-b", None,
+                                  on_have=lambda peer, have: haves.append((peer, have))) as link:
             assert link.peer_id == "node-a"
             pieces = [await link.request_piece(layer.digest, layer.size, i)
                       for i in range(layout.count)]
@@ -64,6 +67,9 @@ async def test_a_peer_gets_every_piece_of_a_cached_blob_and_a_refusal_for_others
             # A size that does not match what this node holds is a different blob.
             assert await link.request_piece(layer.digest, layer.size + 1, 0) is None
         assert daemon.metric("p2pd_peer_bytes_uploaded_total") == layer.size
+        # Before its first piece the asker was told what the daemon holds, once.
+        assert haves == [("node-a", Have(layer.digest, layer.size, layout.piece_size,
+                                         full_bitfield(layout.count), True))]
 
 
 async def test_with_a_cluster_secret_only_peers_that_know_it_get_pieces(

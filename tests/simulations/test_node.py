@@ -8,7 +8,13 @@ from dataclasses import replace
 import pytest
 
 from p2pd.core.coordinator import BlobSwarm, Lease
-from p2pd.core.tuning import BUSY_AFTER, LOOKUP_JITTER, MAX_UPLOADS, MAX_WAITING
+from p2pd.core.tuning import (
+    BUSY_AFTER,
+    LOOKUP_JITTER,
+    MAX_UPLOADS,
+    MAX_WAITING,
+    SHARE_ANSWERS_ABOVE,
+)
 from simulations.cluster import Cluster, MiB, Scenario
 from simulations.node import BlobDownload, Limits, SimNode
 
@@ -24,7 +30,7 @@ def _pair() -> tuple[Cluster, SimNode, SimNode, list[tuple[str, float, int]]]:
     seen: list[tuple[str, float, int]] = []
     download.refused = lambda peer, index, busy: seen.append(  # type: ignore[method-assign]
         ("busy" if busy else "lacks", cluster.engine.now, index))
-    download.from_peer = lambda peer, index: seen.append(  # type: ignore[method-assign]
+    download.from_peer = lambda peer, index, bits: seen.append(  # type: ignore[method-assign]
         ("piece", cluster.engine.now, index))
     holder.held[blob.digest] = 0b11
     return cluster, holder, asker, seen
@@ -210,3 +216,33 @@ def test_only_a_dead_coordinator_sends_a_download_solo(gone: bool) -> None:
     assert download.solo == gone
     assert download.slow == (not gone) and download.lost == gone
     assert (len(download.upstream) == download.layout.count) == gone
+
+
+def test_lookups_cost_a_shared_answer_once_more_than_share_above_nodes_asked() -> None:
+    scenario = replace(SCENARIO, nodes=SHARE_ANSWERS_ABOVE + 6)
+    cluster = Cluster(scenario)
+    blob = scenario.blobs()[0]
+    downloads = [node.downloads.setdefault(blob.digest, BlobDownload(node, blob))
+                 for node in cluster.nodes.values()]
+    target = downloads[0].coordinator
+    for download in downloads:  # all at once: the coordinator works through them in turn
+        download._lookup()
+    built, shared = (target.cpu_cost(kind, downloads[0].layout.count)
+                     for kind in ("lookup", "shared lookup"))
+    assert shared < built
+    first = min(cluster.network.latency(d.node.host, target.host) for d in downloads
+                if d.node is not target)
+    assert target.cpu_free == pytest.approx(
+        first + SHARE_ANSWERS_ABOVE * built + 6 * shared, rel=0.05)
+
+
+@pytest.mark.parametrize("hashed", [0b1111, 0b0011])
+def test_a_piece_tells_the_asker_what_its_sender_held_whose_hash_it_knows(hashed: int) -> None:
+    cluster = Cluster(SCENARIO)
+    holder, asker = cluster.nodes.values()
+    blob = SCENARIO.blobs()[0]
+    download = asker.downloads[blob.digest] = BlobDownload(asker, blob)
+    download.hashed = hashed  # the pieces our lookups have shown announced
+    asker.held[blob.digest] = 0
+    download.from_peer(holder.name, 0, 0b1111)  # it held pieces 0-3 when it sent piece 0
+    assert download.sched.known(holder.name) == {i for i in range(4) if hashed >> i & 1}
