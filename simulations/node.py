@@ -109,14 +109,14 @@ CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyo
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
 _LOOKUP, _LEASE = "lookup", "lease"
 
-COORDINATOR_CPU = {"lookup": (300e-6, 0.3e-6), "shared lookup": (32e-6, 0.01e-6),
-                   "announce": (25e-6, 0.17e-6), "lease": (25e-6, 0.17e-6)}
+COORDINATOR_CPU = {"lookup": (300e-6, 0.3e-6), "shared lookup": (38e-6, 0.015e-6),
+                   "announce": (32e-6, 0.11e-6), "lease": (32e-6, 0.11e-6)}
 """Seconds of one core a coordinator spends on a message: ``fixed + per_piece x pieces``
 of the blob. Fitted to ``python -m benchmarks.bench_coordinator --holders 4096`` (the
 daemon's own path from frame to answer frame, socket I/O left out, so a lower bound):
-lookups built for their asker 294 / 383 / 418 µs, shared lookups (a swarm of more than
-``SHARE_ANSWERS_ABOVE`` askers) 33 / 35 / 36 µs, announcements of one new piece 40 / 63 /
-84-124 µs at 64 / 256 / 384 pieces. A lookup is charged as shared when more than
+lookups built for their asker 307 / 366 / 430 µs, shared lookups (a swarm of more than
+``SHARE_ANSWERS_ABOVE`` askers) 40 / 40 / 44 µs, announcements of one new piece 40 / 58 /
+72 µs at 64 / 256 / 384 pieces. A lookup is charged as shared when more than
 ``SHARE_ANSWERS_ABOVE`` nodes have asked the coordinator about the blob by the time it
 gets to it (the few answers it rebuilds, at most ``SHARED_ANSWERS`` per ``ANSWER_TTL``
 per blob, are charged as shared too). A lease request is taken to cost what an
