@@ -10,9 +10,9 @@ one core, minus the socket reads and writes — decode the frame
 
 For each number of holders and blob size (its pieces by the daemon's size rule): a swarm
 where that many nodes announced a random half of the pieces (and their hashes), then,
-for ``--seconds`` each: lookups from 16 of them in turn (each answer built for its
+for ``--seconds`` each: lookups from 16 of them in turn (the rarest holders for each
 asker); lookups from all of them in turn (with more than
-:data:`p2pd.core.tuning.SHARE_ANSWERS_ABOVE` askers: shared answers); announcements of
+:data:`p2pd.core.tuning.SAMPLE_ABOVE` askers: holders drawn at random); announcements of
 one more piece from them in turn (with that piece's hash: the daemon sends a coordinator
 only the hashes it has not sent it). Reported: microseconds per lookup of either kind
 and per announcement, the lookups per second one core can answer, the size of a
@@ -35,7 +35,7 @@ from p2pd.core.membership import Membership
 from p2pd.core.messages import Announce, Lookup, Peers
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.protocol import FrameReader, encode_frame
-from p2pd.core.tuning import LOOKUP_INTERVAL, SHARE_ANSWERS_ABOVE
+from p2pd.core.tuning import LOOKUP_INTERVAL, SAMPLE_ABOVE
 from p2pd.io.swarm import Swarm
 
 DIGEST = "sha256:" + "5a" * 32
@@ -65,11 +65,11 @@ async def _measure(holders: int, size: int, seconds: float, seed: int) -> dict[s
                                 f"127.0.0.{1 + i % 250}:{7000 + i // 250}", bits,
                                 b"".join(bytes([j % 251]) * 32 for j in sorted(mine)))
             swarm.on_announce(name, announce)
-        # lookups from 16 holders in turn (each answer built for its asker), then from
-        # all of them in turn (more than SHARE_ANSWERS_ABOVE: shared answers)
+        # lookups from 16 holders in turn (the rarest holders for each asker), then from
+        # all of them in turn (more than SAMPLE_ABOVE: holders drawn at random)
         lookup, answer_bytes = _lookups(swarm, names[:16], size, seconds)
-        shared = _lookups(swarm, names, size, seconds)[0] \
-            if holders > SHARE_ANSWERS_ABOVE else float("nan")
+        sampled = _lookups(swarm, names, size, seconds)[0] \
+            if holders > SAMPLE_ABOVE else float("nan")
         # announcements of one more piece each (a bitfield and the new piece's hash)
         done = 0
         began = time.perf_counter()
@@ -90,10 +90,10 @@ async def _measure(holders: int, size: int, seconds: float, seed: int) -> dict[s
         announce_cost = (time.perf_counter() - began) / done
         nursery.cancel_scope.cancel()
     return {"holders": holders, "pieces": pieces, "lookup_us": lookup * 1e6,
-            "shared_lookup_us": shared * 1e6, "announce_us": announce_cost * 1e6,
+            "sampled_lookup_us": sampled * 1e6, "announce_us": announce_cost * 1e6,
             "lookups_per_s": 1 / lookup, "answer_bytes": answer_bytes,
-            "nodes_served": LOOKUP_INTERVAL / (lookup if holders <= SHARE_ANSWERS_ABOVE
-                                               else shared)}
+            "nodes_served": LOOKUP_INTERVAL / (lookup if holders <= SAMPLE_ABOVE
+                                               else sampled)}
 
 
 def _lookups(swarm: Swarm, names: list[str], size: int, seconds: float) -> tuple[float, int]:
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
-    print("holders  pieces  lookup us  shared us  announce us  lookups/s/core  answer B  "
+    print("holders  pieces  lookup us  sampled us  announce us  lookups/s/core  answer B  "
           "nodes per coordinator at one lookup per interval")
     for size_mb in map(float, args.size_mb.split(",")):
         for holders in map(int, args.holders.split(",")):
@@ -128,7 +128,7 @@ def main() -> None:
                            args.seed)
             rows.append(row)
             print(f"{holders:7d}  {row['pieces']:6.0f}  {row['lookup_us']:9.0f}  "
-                  f"{row['shared_lookup_us']:9.0f}  "
+                  f"{row['sampled_lookup_us']:9.0f}  "
                   f"{row['announce_us']:11.0f}  {row['lookups_per_s']:14.0f}  "
                   f"{row['answer_bytes']:8d}  {row['nodes_served']:6.0f}", flush=True)
     if args.json:

@@ -109,18 +109,19 @@ CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyo
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
 _LOOKUP, _LEASE = "lookup", "lease"
 
-COORDINATOR_CPU = {"lookup": (300e-6, 0.3e-6), "shared lookup": (38e-6, 0.015e-6),
+COORDINATOR_CPU = {"lookup": (215e-6, 0.28e-6), "sampled lookup": (49e-6, 0.012e-6),
                    "announce": (32e-6, 0.11e-6), "lease": (32e-6, 0.11e-6)}
 """Seconds of one core a coordinator spends on a message: ``fixed + per_piece x pieces``
 of the blob. Fitted to ``python -m benchmarks.bench_coordinator --holders 4096`` (the
 daemon's own path from frame to answer frame, socket I/O left out, so a lower bound):
-lookups built for their asker 307 / 366 / 430 µs, shared lookups (a swarm of more than
-``SHARE_ANSWERS_ABOVE`` askers) 40 / 40 / 44 µs, announcements of one new piece 40 / 58 /
-72 µs at 64 / 256 / 384 pieces. A lookup is charged as shared when more than
-``SHARE_ANSWERS_ABOVE`` nodes have asked the coordinator about the blob by the time it
-gets to it (the few answers it rebuilds, at most ``SHARED_ANSWERS`` per ``ANSWER_TTL``
-per blob, are charged as shared too). A lease request is taken to cost what an
-announcement does (it was not measured)."""
+lookups answered with the rarest holders for the asker 236 / 288 / 322 µs, with holders
+drawn at random (a swarm of more than ``SAMPLE_ABOVE`` askers) 51 / 50 / 54 µs,
+announcements of one new piece 40 / 58 / 72 µs at 64 / 256 / 384 pieces. A lookup is
+charged as drawn at random when more than ``SAMPLE_ABOVE`` nodes have asked the
+coordinator about the blob by the time it gets to it. A lease request is taken to cost
+what an announcement does (it was not measured). The benchmark's holders do not change
+between its lookups, so each holder's message is built once; in a busy swarm a holder
+announces a few times a second and is drawn into dozens of answers in between."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,7 +570,7 @@ class BlobDownload:
         self.lookup_sent = self.engine.now
         askers = target.askers.setdefault(blob.digest, set())
         askers.add(name)
-        kind = "shared lookup" if len(askers) > coordinator.share_above else "lookup"
+        kind = "sampled lookup" if len(askers) > coordinator.sample_above else "lookup"
         self.node.call(target, query, self._peers, timeout=partial(self._unreachable, _LOOKUP),
                        cost=target.cpu_cost(kind, self.layout.count), patience=LOOKUP_TIMEOUT)
 

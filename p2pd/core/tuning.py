@@ -53,12 +53,9 @@ may have been about to publish it; or the coordinator's view of it is stale)."""
 RPC_TIMEOUT = 3.0
 """A coordinator that has not answered a lookup or lease request by then counts as
 unreachable: the download goes on without it (solo: upstream for what no known peer has)."""
-SHARE_ANSWERS_ABOVE = 64
-"""A blob's coordinator with more askers than this hands out recent answers, each built
-for one of them, instead of building one per lookup (see ``p2pd.core.coordinator``)."""
-ANSWER_TTL = 0.1
-"""How long a shared answer is handed out: at most this much older than one built for
-the asker (less than :data:`LOOKUP_INTERVAL`, so it adds less than a lookup's wait)."""
+SAMPLE_ABOVE = 64
+"""A blob's coordinator with more askers than this answers lookups with holders drawn at
+random instead of choosing for each asker (see ``p2pd.core.coordinator``)."""
 LOOKUP_TIMEOUT = 6.0
 """How long a lookup may wait for its answer (then the coordinator is taken as hung: the
 download goes on with the peers it knows, and :data:`STUCK_AFTER` later upstream). Longer

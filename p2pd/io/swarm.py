@@ -16,9 +16,9 @@ what it holds as it goes (with the hashes it has not told that coordinator yet) 
 for complete blobs, every :data:`REANNOUNCE` seconds, so a new coordinator rebuilds its
 state within that time. A node answering a piece request first sends the asker a
 ``HAVE`` of its pieces when they changed since it last told it, so trading partners
-learn each other's progress between lookups. A coordinator with many askers hands out
-shared answers (``p2pd.core.coordinator``), and forgets the holders membership finds
-down.
+learn each other's progress between lookups. A coordinator with many askers answers
+with holders drawn at random (``p2pd.core.coordinator``), and forgets the holders
+membership finds down.
 Whatever goes wrong with peers or the coordinator, the node falls back to fetching from
 the registry itself: a pull never fails for want of peers.
 """
@@ -38,7 +38,7 @@ from p2pd.core.bitfield import (
     mask_of_bitfield,
     pack_bitfield,
 )
-from p2pd.core.coordinator import Coordinator, PeerList
+from p2pd.core.coordinator import Coordinator, HolderInfo
 from p2pd.core.membership import (
     Liveness,
     Member,
@@ -152,8 +152,10 @@ class Swarm:
         self.download = download
         self.held: dict[str, BlobState] = {}
         self._fetches: list[_Fetch] = []
-        # shared lookup answers (by id; the answer is kept too, so the id stays its own)
-        self._encoded: dict[int, tuple[PeerList, tuple[Holder, ...], bytes, str | None]] = {}
+        # holders and the last piece table as sent in lookup answers (by the id of the
+        # coordinator's object, kept too so that the id stays its own)
+        self._holders: dict[int, tuple[HolderInfo, Holder]] = {}
+        self._tables: tuple[tuple[bytes | None, ...], bytes] = ((), b"")
 
     # -- the coordinator side (called by the peer port) ---------------------------------
 
@@ -174,20 +176,31 @@ class Swarm:
         """Who holds pieces of a blob, and its piece table."""
         self._on_request("lookup")
         found = self.coordinator.lookup(msg.digest, msg.size, peer_id, trio.current_time())
-        encoded = self._encoded.get(id(found)) if found.shared else None
-        if encoded is None or encoded[0] is not found:
-            count = _count(msg.size)
-            holders = tuple(Holder(h.node_id, h.addr, bitfield_of_mask(h.bits, count),
-                                   h.complete) for h in found.holders[:64])
-            table = b"".join(h or ZERO for h in found.hashes) if any(found.hashes) else b""
-            fetcher = found.fetchers[0].node_id if found.fetchers else None
-            encoded = (found, holders, table, fetcher)
-            if found.shared:  # handed out again: keep what it takes to encode it
-                if len(self._encoded) >= 64:
-                    self._encoded.clear()
-                self._encoded[id(found)] = encoded
-        _, holders, table, fetcher = encoded
+        count = _count(msg.size)
+        holders = tuple(self._holder(h, count) for h in found.holders[:64])
+        table = self._table(found.hashes)
+        fetcher = found.fetchers[0].node_id if found.fetchers else None
         return Peers(msg.request_id, msg.digest, msg.size, holders, fetcher, table)
+
+    def _holder(self, info: HolderInfo, count: int) -> Holder:
+        """``info`` as a message, built once per announcement: in a busy swarm the same
+        holder goes into dozens of answers between two of its announcements."""
+        cached = self._holders.get(id(info))
+        if cached is not None and cached[0] is info:
+            return cached[1]
+        holder = Holder(info.node_id, info.addr, bitfield_of_mask(info.bits, count),
+                        info.complete)
+        if len(self._holders) >= 20_000:
+            self._holders.clear()
+        self._holders[id(info)] = (info, holder)
+        return holder
+
+    def _table(self, hashes: tuple[bytes | None, ...]) -> bytes:
+        """The piece table as sent in ``PEERS`` (kept until the coordinator's changes)."""
+        if self._tables[0] is not hashes:
+            joined = b"".join(h or ZERO for h in hashes) if any(hashes) else b""
+            self._tables = (hashes, joined)
+        return self._tables[1]
 
     def on_lease(self, peer_id: str, msg: Lease) -> LeaseGrant:
         """Grant the upstream lease of a blob's missing pieces, or say who holds it."""

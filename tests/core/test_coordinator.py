@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -13,7 +14,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from p2pd.core.coordinator import (
-    SHARED_ANSWERS,
     Coordinator,
     CoordinatorStatistics,
     Lease,
@@ -134,22 +134,21 @@ def test_a_big_swarm_still_answers_with_the_fetcher() -> None:
     assert peers.holders[0].node_id == "fetcher"  # the only one with piece 5
 
 
-def test_beyond_share_above_askers_lookups_share_answers_for_answer_ttl() -> None:
-    coordinator = make(share_above=4, answer_ttl=0.1)
-    for i in range(10):  # ten holders: every answer lists them all
-        announce(coordinator, f"h{i}", {i}, 0.0)
-    alone = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.0) for i in range(4)]
-    assert not any(answer.shared for answer in alone)
-    crowd = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.05) for i in range(4, 804)]
-    built = [answer for answer in crowd if not answer.shared]
-    assert 1 <= len(built) <= SHARED_ANSWERS  # one per kept answer
-    assert {a.holders for a in crowd} == {a.holders for a in built}
-    announce(coordinator, "h1", range(10), 1.1)  # h1 completes
-    stale = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.12) for i in range(4, 54)]
-    assert all(a.shared for a in stale)
-    assert all(h.bits == 1 << 1 for a in stale for h in a.holders if h.node_id == "h1")
-    fresh = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.16) for i in range(4, 54)]
-    assert all(h.complete for a in fresh for h in a.holders if h.node_id == "h1")
+def test_beyond_sample_above_askers_lookups_draw_holders_at_random() -> None:
+    coordinator = make(sample_above=4)
+    assert coordinator.request_lease(DIGEST, SIZE, "fetcher", 0.0) is not None
+    announce(coordinator, "fetcher", range(2), 0.0)
+    for i in range(100):  # a hundred holders of piece 9 (none has the fetcher's pieces)
+        announce(coordinator, f"h{i}", {9}, 0.0)
+    alone = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.0) for i in range(3)]
+    assert not any(answer.sampled for answer in alone)  # with the fetcher: 5 askers
+    crowd = [coordinator.lookup(DIGEST, SIZE, f"a{i}", 1.0) for i in range(3, 203)]
+    assert all(answer.sampled and len(answer.holders) == 16 for answer in crowd)
+    assert all(answer.holders[0].node_id == "fetcher" for answer in crowd)  # newest first
+    assert all(len({h.node_id for h in a.holders}) == 16 for a in crowd)
+    others = Counter(h.node_id for a in crowd for h in a.holders[1:])
+    assert len(others) == 100  # spread over every holder...
+    assert max(others.values()) < 3 * 200 * 15 / 100  # ...none crowded (mean 30)
 
 
 # -- leases ----------------------------------------------------------------------------

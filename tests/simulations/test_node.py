@@ -13,7 +13,7 @@ from p2pd.core.tuning import (
     LOOKUP_JITTER,
     MAX_UPLOADS,
     MAX_WAITING,
-    SHARE_ANSWERS_ABOVE,
+    SAMPLE_ABOVE,
 )
 from simulations.cluster import Cluster, MiB, Scenario
 from simulations.node import BlobDownload, Limits, SimNode
@@ -218,8 +218,8 @@ def test_only_a_dead_coordinator_sends_a_download_solo(gone: bool) -> None:
     assert (len(download.upstream) == download.layout.count) == gone
 
 
-def test_lookups_cost_a_shared_answer_once_more_than_share_above_nodes_asked() -> None:
-    scenario = replace(SCENARIO, nodes=SHARE_ANSWERS_ABOVE + 6)
+def test_lookups_cost_a_sampled_answer_once_more_than_sample_above_nodes_asked() -> None:
+    scenario = replace(SCENARIO, nodes=SAMPLE_ABOVE + 6)
     cluster = Cluster(scenario)
     blob = scenario.blobs()[0]
     downloads = [node.downloads.setdefault(blob.digest, BlobDownload(node, blob))
@@ -227,13 +227,13 @@ def test_lookups_cost_a_shared_answer_once_more_than_share_above_nodes_asked() -
     target = downloads[0].coordinator
     for download in downloads:  # all at once: the coordinator works through them in turn
         download._lookup()
-    built, shared = (target.cpu_cost(kind, downloads[0].layout.count)
-                     for kind in ("lookup", "shared lookup"))
-    assert shared < built
+    built, sampled = (target.cpu_cost(kind, downloads[0].layout.count)
+                     for kind in ("lookup", "sampled lookup"))
+    assert sampled < built
     first = min(cluster.network.latency(d.node.host, target.host) for d in downloads
                 if d.node is not target)
     assert target.cpu_free == pytest.approx(
-        first + SHARE_ANSWERS_ABOVE * built + 6 * shared, rel=0.05)
+        first + SAMPLE_ABOVE * built + 6 * sampled, rel=0.05)
 
 
 @pytest.mark.parametrize("hashed", [0b1111, 0b0011])
