@@ -95,7 +95,9 @@ def test_killing_the_upstream_fetcher_and_a_peer_mid_transfer_fails_no_pull(
         doomed = pool.submit(_get, fetcher, "faults/l3", layer, registry.host)
         _wait(lambda: fetcher.metric("p2pd_blob_bytes_fetched_total", source="upstream")
               >= 4 * MiB, 30, "the fetcher never started")
-        pulls = [pool.submit(_get, node, "faults/l3", layer, registry.host, 120)
+        # Within 45 s (about 12 s here): the dead fetcher's pieces are leased again once
+        # membership finds it down, not after the coordinator's HOLDER_TTL (60 s).
+        pulls = [pool.submit(_get, node, "faults/l3", layer, registry.host, 45)
                  for node in (b, c)]
         _wait(lambda: fetcher.metric("p2pd_peer_bytes_uploaded_total") >= 2 * MiB, 30,
               "nobody fetched from the fetcher")
