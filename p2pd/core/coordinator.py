@@ -28,11 +28,12 @@ wrong size only ever joins a swarm of its own):
   instead of the rarest for the asker: a tenth of the cost to the coordinator
   (``benchmarks/bench_coordinator.py``), and askers that all lack nearly every piece
   gain little from answers of their own, while they learn their trading partners'
-  new pieces from the partners themselves (``HAVE``). Simulated, 1,000 and 3,000 nodes
-  pulling 1 GB at once (free coordinators): p50 2.76 → 2.63 s and 3.12 → 2.99 s, 22 %
-  and 34 % fewer messages, against answers chosen for each asker. Handing out a few
-  shared answers instead (32, each rebuilt after 0.1 s) was worse: askers crowded the
-  same holders (p50 3.93 s at 10,000 nodes, 15.6 M busy refusals against 5.2 M).
+  new pieces from the partners themselves (``HAVE``). Simulated, nodes pulling 1 GB
+  at once, coordinators free: p50 2.80 s at 1,000 nodes and 3.22 s at 10,000, against
+  2.76 and 3.08 s with answers chosen for each asker and no ``HAVE`` (f8c19aa,
+  09bf117), with 46 % fewer busy refusals at 10,000. Handing out a few shared answers
+  instead (32, each rebuilt after 0.1 s) crowded askers onto the same holders: p50
+  3.12 s at 3,000 nodes (2.97 s drawn at random), 3.93 s at 10,000.
 - Piece hashes. The first hash for a piece from a node once granted a lease over it is
   authoritative and final. Until then the first from anyone stands in (after a change of
   coordinator no lease exists yet). Other disagreeing hashes are ignored and counted as
