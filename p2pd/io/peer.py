@@ -505,7 +505,8 @@ async def open_peer_link(
                     await stream.aclose()
                     raise PeerUnavailable(f"peer {addr} refused us: "
                                           f"{getattr(event, 'message', 'closed')}")
-    except (OSError, trio.TooSlowError, RemoteProtocolError) as exc:
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError, RemoteProtocolError) as exc:
+        # (a peer dying during the handshake resets the connection: BrokenResourceError)
         raise PeerUnavailable(f"peer {addr}: {exc}") from exc
     link = PeerLink(conn, stream, addr, download, on_have)
     async with stream, trio.open_nursery() as nursery:
