@@ -351,7 +351,7 @@ class BlobService:
         digest = Digest.parse(digest_text)  # checked when the message was decoded
         dl = self.downloads.get(digest)
         if dl is not None and dl.layout.size == size:
-            return bitfield_of_mask(dl.published_mask, dl.layout.count), False
+            return bitfield_of_mask(dl.published, dl.layout.count), False
         table = self.tables.get(digest)
         if table is not None and table.size == size:
             return full_bitfield(table.layout.count), True
@@ -367,7 +367,7 @@ class BlobService:
         dl = self.downloads.get(digest)
         if dl is not None and dl.layout.size == size and index < dl.layout.count:
             expected = dl.hashes[index]
-            if not dl.published[index] or expected is None:
+            if not dl.published >> index & 1 or expected is None:
                 return None
             return await self._downloaded_piece(dl, index, expected)
         table = self.tables.get(digest)

@@ -27,8 +27,7 @@ class Download:
     digest: Digest
     layout: PieceLayout
     hashes: list[bytes | None] = field(default_factory=list)
-    published: list[bool] = field(default_factory=list)
-    published_mask: int = 0  # the same, bit i = piece i (told to peers in HAVE)
+    published: int = 0  # the pieces readers and peers may have: bit i = piece i
     error: BaseException | None = None
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
@@ -42,15 +41,13 @@ class Download:
 
     def __post_init__(self) -> None:
         self.hashes = [None] * self.layout.count
-        self.published = [False] * self.layout.count
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
     def publish(self, index: int) -> None:
-        self.published[index] = True
-        self.published_mask |= 1 << index
+        self.published |= 1 << index
         self._notify()
 
     def remember(self, index: int, data: bytes) -> None:
@@ -71,7 +68,7 @@ class Download:
             if self.error is not None:
                 raise DownloadFailed(f"download of {self.digest.short} failed") from self.error
             digest = self.hashes[index]
-            if self.published[index] and digest is not None:
+            if self.published >> index & 1 and digest is not None:
                 return digest
             await self._changed.wait()
 

@@ -237,7 +237,7 @@ class PeerService:
     async def _tell(self, conn: PeerConnection, send: _Sender, request: Request) -> None:
         """Send the asker a ``HAVE`` of the blob first if our pieces changed since we last
         told it: a peer we trade with learns our new pieces as they come, between its
-        lookups (whose answers the coordinator may hand out a moment old)."""
+        lookups."""
         held = self.holdings(request.digest, request.size) if self.holdings else None
         key = (request.digest, request.size)
         if held is None or send.told.get(key) == held[0]:
