@@ -40,9 +40,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Final
 
 from simulations.engine import Engine, Timer
 
+_INF: Final = math.inf
 _EPSILON = 1e-9  # relative: rates this close are taken as unchanged
 _LEFTOVER = 1e-9  # relative: a flow with less than this left at its timer is done
 
@@ -54,7 +56,8 @@ def _nothing() -> None:
 class Resource:
     """One direction of a host's access link: a capacity and the flows through it."""
 
-    __slots__ = ("capacity", "flows", "name", "number", "total")
+    __slots__ = ("avail", "capacity", "flows", "left", "members", "name", "number", "share",
+                 "total")
 
     def __init__(self, name: str, capacity: float) -> None:
         if not capacity > 0:
@@ -63,7 +66,13 @@ class Resource:
         self.capacity = capacity
         self.flows: dict[Flow, None] = {}  # insertion-ordered: deterministic
         self.total = 0.0  # sum of the rates of ``flows``
-        self.number = -1  # scratch for max_min_rates: its position there, -1 outside
+        # scratch for max_min_rates: its position there (-1 outside), the region's flows
+        # through it, what it offers them, how many are not frozen yet, and their share
+        self.number = -1
+        self.members: list[Flow] = []
+        self.avail = 0.0
+        self.left = 0
+        self.share = 0.0
 
 
 class Host:
@@ -83,8 +92,8 @@ class Host:
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("counted", "done", "dst", "finish", "on_done", "on_sent", "rate", "remaining",
-                 "since", "size", "src", "tag", "timer")
+    __slots__ = ("counted", "done", "dst", "finish", "fixed", "on_done", "on_sent", "rate",
+                 "remaining", "since", "size", "src", "tag", "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -97,6 +106,7 @@ class Flow:
         self.finish: Callable[[], None] = on_done  # the network's finish timer callback
         self.on_sent: Callable[[], None] | None = None
         self.counted = True  # in the statistics' bytes
+        self.fixed = 0.0  # scratch for max_min_rates: its new rate (-1: not frozen yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,10 +262,10 @@ class Network:
             return
         self._recomputes += 1
         self._recomputed += len(region)
-        rates = max_min_rates(region)
+        _fill_rates(region)
         now, schedule_at = self.engine.now, self.engine.schedule_at
-        for flow, rate in zip(region, rates, strict=True):
-            old, timer = flow.rate, flow.timer
+        for flow in region:
+            rate, old, timer = flow.fixed, flow.rate, flow.timer
             if timer is not None and abs(rate - old) <= _EPSILON * max(rate, old):
                 continue  # same rate: the finish timer stands
             flow.remaining -= old * (now - flow.since)
@@ -294,58 +304,99 @@ class Network:
         )
 
 
+SCAN_LIMIT = 64
+"""Regions through at most this many resources are filled by scanning them for the
+smallest share (no heap, no boxed floats: the scratch lives in the resources); larger
+ones (``exact=True``) with a heap. Both give the same rates, bit for bit."""
+
+
 def max_min_rates(region: list[Flow]) -> list[float]:
     """Max-min fair rates for ``region`` by progressive filling, with every flow outside
     it frozen at its current rate (each resource offers the region what they leave)."""
+    _fill_rates(region)
+    return [flow.fixed for flow in region]
+
+
+def _fill_rates(region: list[Flow]) -> None:
+    """:func:`max_min_rates`, left in each flow's ``fixed``."""
     seen: list[Resource] = []  # resources by position, first seen first (``number``)
-    members: list[list[int]] = []
-    avail: list[float] = []
-    ends: list[tuple[int, int]] = []
-    for i, flow in enumerate(region):
+    for flow in region:
+        flow.fixed = -1.0
         rate, up, down = flow.rate, flow.src.up, flow.dst.down
-        a = up.number
-        if a < 0:
-            a = up.number = len(members)
+        if up.number < 0:
+            up.number = len(seen)
             seen.append(up)
-            members.append([i])
-            avail.append(up.capacity - up.total + rate)  # the region's own rates are
-        else:                                            # up for grabs
-            members[a].append(i)
-            avail[a] += rate
-        b = down.number
-        if b < 0:
-            b = down.number = len(members)
-            seen.append(down)
-            members.append([i])
-            avail.append(down.capacity - down.total + rate)
+            up.members = [flow]
+            up.avail = up.capacity - up.total + rate  # the region's own rates are up
+            up.left = 1                               # for grabs
         else:
-            members[b].append(i)
-            avail[b] += rate
-        ends.append((a, b))
+            up.members.append(flow)
+            up.avail += rate
+            up.left += 1
+        if down.number < 0:
+            down.number = len(seen)
+            seen.append(down)
+            down.members = [flow]
+            down.avail = down.capacity - down.total + rate
+            down.left = 1
+        else:
+            down.members.append(flow)
+            down.avail += rate
+            down.left += 1
+    for resource in seen:
+        resource.share = max(resource.avail, 0.0) / resource.left
+    if len(seen) > SCAN_LIMIT:
+        _fill_by_heap(seen)
+    else:
+        _fill_by_scan(seen)
     for resource in seen:
         resource.number = -1
-    unfrozen = [len(m) for m in members]
-    inf = math.inf
+        resource.members = []
+    for flow in region:
+        if flow.fixed < 0:
+            flow.fixed = 0.0
+
+
+def _freeze(resource: Resource, share: float) -> None:
+    """``resource`` is full: its unfrozen flows get ``share``; their other ends offer
+    the rest less and share it among fewer."""
+    resource.left = 0
+    for flow in resource.members:
+        if flow.fixed >= 0:
+            continue
+        flow.fixed = share
+        other = flow.dst.down if flow.src.up is resource else flow.src.up
+        other.left -= 1
+        other.avail -= share
+        if other.left and other.avail != _INF:
+            other.share = max(other.avail, 0.0) / other.left
+
+
+def _fill_by_scan(seen: list[Resource]) -> None:
     # ties: first seen first, reproducibly; unlimited resources never freeze anything
-    current = [max(a, 0.0) / n for a, n in zip(avail, unfrozen, strict=True)]
-    heap = [(share, k) for k, share in enumerate(current) if share != inf]
+    while True:
+        best: Resource | None = None
+        least = _INF
+        for resource in seen:
+            if resource.left and resource.share < least:
+                best, least = resource, resource.share
+        if best is None:
+            return
+        _freeze(best, least)
+
+
+def _fill_by_heap(seen: list[Resource]) -> None:
+    heap = [(r.share, k) for k, r in enumerate(seen) if r.share != _INF]
     heapq.heapify(heap)
-    rates = [-1.0] * len(region)
     pop, push = heapq.heappop, heapq.heappush
     while heap:
         share, k = pop(heap)
-        if not unfrozen[k] or share != current[k]:
+        resource = seen[k]
+        if not resource.left or share != resource.share:
             continue  # stale entry: a fresher one was pushed when it changed
-        unfrozen[k] = 0
-        for i in members[k]:
-            if rates[i] >= 0:
-                continue
-            rates[i] = share
-            a, b = ends[i]
-            other = b if a == k else a
-            left = unfrozen[other] = unfrozen[other] - 1
-            rest = avail[other] = avail[other] - share
-            if left and rest != inf:
-                key = current[other] = max(rest, 0.0) / left
-                push(heap, (key, other))
-    return [rate if rate >= 0 else 0.0 for rate in rates]
+        changed = [flow.dst.down if flow.src.up is resource else flow.src.up
+                   for flow in resource.members if flow.fixed < 0]
+        _freeze(resource, share)
+        for other in changed:
+            if other.left and other.share != _INF:
+                push(heap, (other.share, other.number))

@@ -71,7 +71,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from p2pd.core.bitfield import indices_of_mask
 from p2pd.core.coordinator import Coordinator, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout
@@ -646,9 +645,9 @@ class BlobDownload:
             # exactly what was fed (``_fed`` is cleared on refusals and timeouts):
             # ``peer_has`` of the difference leaves the scheduler in the state
             # ``peer_update`` of all of them would, at a fraction of the cost.
-            self.sched.peer_has(peer_id, indices_of_mask(bits & ~before), now)
+            self.sched.peer_has_bits(peer_id, bits & ~before, now)
         else:
-            self.sched.peer_update(peer_id, indices_of_mask(bits), False, now)
+            self.sched.peer_update_bits(peer_id, bits, now)
 
     def _lacks(self, peer_id: str, now: float) -> int:
         """The pieces ``peer_id`` refused as missing lately (a mask), dropping old ones."""

@@ -177,6 +177,8 @@ class Scheduler:
         self._partial = array("i", bytes(4 * n))  # usable peers holding it, seeds not counted
         self._seeds = 0  # usable peers holding every piece
         self._buckets = [self._full]  # pending pieces (rank bits) by partial count
+        self._pending_bits = self._full  # pending pieces (rank bits): the buckets' union
+        self._dup_bits = 0  # in the endgame: flying pieces that may take a copy (rank bits)
         self._orphans = self._full  # pending pieces with partial count 0 (index bits)
         self._pending, self._missing, self._held, self._cursor = n, self._full, 0, 0
         self._upstream = 0  # pieces asked from upstream (index bits)
@@ -211,6 +213,17 @@ class Scheduler:
         """``peer_id`` now also holds ``pieces`` (a HAVE); cheaper than a full update."""
         if self._usable(peer_id):
             self._set_mask(peer_id, self._masks.get(peer_id, 0) | self._mask_of(pieces))
+
+    def peer_update_bits(self, peer_id: PeerId, bits: int, now: float) -> None:
+        """:meth:`peer_update` from a mask: ``peer_id`` holds exactly the pieces whose
+        bits are set in ``bits`` (bit ``i``: piece ``i``)."""
+        if self._usable(peer_id):
+            self._set_mask(peer_id, self._ranked(bits))
+
+    def peer_has_bits(self, peer_id: PeerId, bits: int, now: float) -> None:
+        """:meth:`peer_has` from a mask: ``peer_id`` now also holds the pieces of ``bits``."""
+        if self._usable(peer_id):
+            self._set_mask(peer_id, self._masks.get(peer_id, 0) | self._ranked(bits))
 
     def peer_gone(self, peer_id: PeerId, now: float) -> None:
         """The connection to ``peer_id`` is lost; its requests go back to the queue."""
@@ -336,6 +349,7 @@ class Scheduler:
                 if peer_id in self._masks:
                     self._fill(peer_id, now, False, actions)
         if self.in_endgame:
+            self._dup_bits = self._duplicable()
             for peer_id in [*self._idle, *self._starved]:
                 self._fill(peer_id, now, True, actions)
         elif self._pending and self._starved and len(self._asked) < self._max_total:
@@ -444,6 +458,17 @@ class Scheduler:
             mask |= 1 << rank[index]
         return mask
 
+    def _ranked(self, bits: int) -> int:
+        """Piece bits (bit ``i``: piece ``i``) as rank bits."""
+        if bits < 0 or bits >> self._n:
+            raise ValueError(f"piece mask {bits:#x} outside 0..{self._n - 1}")
+        rank, mask = self._rank, 0
+        while bits:
+            low = bits & -bits
+            mask |= 1 << rank[low.bit_length() - 1]
+            bits ^= low
+        return mask
+
     def _set_mask(self, peer_id: PeerId, new: int) -> None:
         """Replace what ``peer_id`` holds, keeping the availability counts right."""
         old, full = self._masks.get(peer_id, 0), self._full
@@ -502,8 +527,9 @@ class Scheduler:
                 self._orphans ^= 1 << index
 
     def _unpend(self, index: int) -> None:
-        count, buckets = self._partial[index], self._buckets
-        buckets[count] ^= 1 << self._rank[index]
+        count, buckets, bit = self._partial[index], self._buckets, 1 << self._rank[index]
+        buckets[count] ^= bit
+        self._pending_bits ^= bit
         while len(buckets) > 1 and not buckets[-1]:
             buckets.pop()
         if not count:
@@ -515,6 +541,7 @@ class Scheduler:
         count, buckets, bit = self._partial[index], self._buckets, 1 << self._rank[index]
         buckets.extend([0] * (count + 1 - len(buckets)))
         buckets[count] |= bit
+        self._pending_bits |= bit
         if not count:
             self._orphans |= 1 << index
         self._pending += 1
@@ -559,6 +586,16 @@ class Scheduler:
         if peer_id in self._resting:
             return
         mask, asked, starved = self._masks[peer_id], self._asked, False
+        if not mask & (self._pending_bits | (self._dup_bits if endgame else 0)) \
+                and len(asked) < self._max_total:
+            # nothing it could be asked for (the loop below would find so, piece by
+            # piece): it waits among the idle
+            self._idle.pop(peer_id, None)
+            self._starved.pop(peer_id, None)
+            if asked.free(peer_id):
+                self._idle[peer_id] = None
+                self._idle_bits |= mask
+            return
         for _ in range(asked.free(peer_id)):
             if len(asked) >= self._max_total:
                 starved = True
@@ -597,6 +634,16 @@ class Scheduler:
                 if not state[index] and partial[index] == count and mask >> rank[index] & 1:
                     return index
         return self._order[(found & -found).bit_length() - 1]
+
+    def _duplicable(self) -> int:
+        """The flying pieces with fewer than ``endgame_copies`` copies on their way (rank
+        bits): all that :meth:`_pick_duplicate` may choose from, whatever the peer."""
+        bits, rank, state, copies = 0, self._rank, self._state, self._copies
+        for index in _bits(self._missing):
+            if state[index] == _FLYING and \
+                    len(self._asked.askers(index)) + (self._upstream >> index & 1) < copies:
+                bits |= 1 << rank[index]
+        return bits
 
     def _pick_duplicate(self, peer_id: PeerId, mask: int) -> int | None:
         """In the endgame: the flying piece with the fewest copies that the peer can add."""

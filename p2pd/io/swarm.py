@@ -525,10 +525,11 @@ class _Fetch:
         (we could not check the others) and that it did not refuse lately."""
         if self.gone.get(peer_id, 0.0) > now:
             return
-        lacks = self.refused.get(peer_id, {})
-        pieces = {i for i in indices_of_mask(held)
-                  if self.state.hashes[i] is not None and lacks.get(i, 0.0) <= now}
-        self.sched.peer_update(peer_id, pieces, False, now)
+        lacks, hashes = self.refused.get(peer_id, {}), self.state.hashes
+        for i in indices_of_mask(held):
+            if hashes[i] is None or lacks.get(i, 0.0) > now:
+                held &= ~(1 << i)
+        self.sched.peer_update_bits(peer_id, held, now)
 
     def on_have(self, peer_id: str, msg: Have) -> None:
         """A peer we asked for a piece told us what it holds now (``HAVE``)."""

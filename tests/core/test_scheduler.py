@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -34,6 +34,11 @@ def make(count: int, seed: int = 0, **options: object) -> Scheduler:
     return Scheduler(PieceLayout(count, 1), rng=random.Random(seed), **options)  # type: ignore[arg-type]
 
 
+def mask(pieces: Iterable[int]) -> int:
+    """Pieces as a mask (bit ``i``: piece ``i``)."""
+    return sum(1 << i for i in set(pieces))
+
+
 def requested(actions: list[Action], peer: str | None = None) -> list[int]:
     return [a.index for a in actions if isinstance(a, RequestPiece) and peer in (None, a.peer_id)]
 
@@ -43,6 +48,32 @@ def upstream(actions: list[Action]) -> list[int]:
 
 
 # -- piece choice ----------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), events=st.lists(
+    st.tuples(st.sampled_from("abcd"), st.sets(st.integers(0, 11), max_size=8),
+              st.sampled_from(["update", "has", "full"])), max_size=30))
+def test_masks_feed_the_scheduler_as_piece_lists_do(
+        seed: int, events: list[tuple[str, set[int], str]]) -> None:
+    listed, masked = make(12, seed, max_in_flight=5), make(12, seed, max_in_flight=5)
+    for step, (peer, pieces, kind) in enumerate(events):
+        if kind == "has":
+            listed.peer_has(peer, pieces, 0.0)
+            masked.peer_has_bits(peer, mask(pieces), 0.0)
+        else:
+            listed.peer_update(peer, pieces, kind == "full", 0.0)
+            masked.peer_update_bits(peer, mask(range(12) if kind == "full" else pieces), 0.0)
+        if step % 3 == 2:
+            actions = listed.next_actions(0.0)
+            assert masked.next_actions(0.0) == actions
+            for action in actions:
+                if isinstance(action, RequestPiece):
+                    listed.piece_received(action.peer_id, action.index, True, 0.0)
+                    masked.piece_received(action.peer_id, action.index, True, 0.0)
+        assert masked.statistics() == listed.statistics()
+    with pytest.raises(ValueError):
+        masked.peer_update_bits("a", 1 << 12, 0.0)
 
 
 @pytest.mark.parametrize("first", ["a", "b"])
@@ -527,16 +558,23 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _drop_requests(self, keep: Callable[[tuple[str, int]], bool]) -> None:
         self.asked = {k: v for k, v in self.asked.items() if keep(k)}
 
-    @rule(peer=peers, holds=st.sets(pieces, max_size=6), complete=st.booleans())
-    def update(self, peer: str, holds: set[int], complete: bool) -> None:
-        self.sched.peer_update(peer, holds, complete, self.now)
+    @rule(peer=peers, holds=st.sets(pieces, max_size=6), complete=st.booleans(),
+          as_bits=st.booleans())
+    def update(self, peer: str, holds: set[int], complete: bool, as_bits: bool) -> None:
+        if as_bits:  # the same, from a mask
+            self.sched.peer_update_bits(peer, mask(range(N) if complete else holds), self.now)
+        else:
+            self.sched.peer_update(peer, holds, complete, self.now)
         if peer not in self.banned:
             self.known[peer] = set(range(N)) if complete else set(holds)
             self.allowance.setdefault(peer, MAX)
 
-    @rule(peer=peers, holds=st.sets(pieces, max_size=3))
-    def have(self, peer: str, holds: set[int]) -> None:
-        self.sched.peer_has(peer, holds, self.now)
+    @rule(peer=peers, holds=st.sets(pieces, max_size=3), as_bits=st.booleans())
+    def have(self, peer: str, holds: set[int], as_bits: bool) -> None:
+        if as_bits:
+            self.sched.peer_has_bits(peer, mask(holds), self.now)
+        else:
+            self.sched.peer_has(peer, holds, self.now)
         if peer not in self.banned:
             self.known.setdefault(peer, set()).update(holds)
             self.allowance.setdefault(peer, MAX)

@@ -108,13 +108,13 @@ def test_the_simulation_runs_the_real_core(monkeypatch: pytest.MonkeyPatch) -> N
 
         monkeypatch.setattr(cls, name, wrapper)
 
-    for name in ("peer_update", "piece_received", "upstream_received", "next_actions",
-                 "set_upstream_range", "tick"):
+    for name in ("peer_update", "peer_update_bits", "piece_received", "upstream_received",
+                 "next_actions", "set_upstream_range", "tick"):
         count(p2pd.core.scheduler.Scheduler, name)
     for name in ("announce", "lookup", "request_lease"):
         count(p2pd.core.coordinator.Coordinator, name)
     result = run_p2p(Scenario(**{**_fields(SMALL), "nodes": 4}))
-    assert set(calls) == {"peer_update", "piece_received", "upstream_received",
+    assert set(calls) == {"peer_update", "peer_update_bits", "piece_received", "upstream_received",
                           "next_actions", "set_upstream_range", "tick", "announce",
                           "lookup", "request_lease"}
     # every piece came through the scheduler: 24 one-MiB pieces per blob

@@ -1,11 +1,13 @@
 """The flow model: max-min fair sharing, latency, cancel, and the local recomputation."""
 
+import math
 import random
 
 import pytest
 
+from simulations import network
 from simulations.engine import Engine
-from simulations.network import Network
+from simulations.network import Network, max_min_rates
 
 MB = 1_000_000
 
@@ -127,3 +129,29 @@ def test_on_sent_runs_when_the_last_byte_leaves_on_done_when_it_arrives() -> Non
                  on_sent=lambda: seen.append(("sent", net.engine.now)))
     net.engine.run()
     assert seen == [("sent", pytest.approx(1.0)), ("done", pytest.approx(1.03))]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_filling_by_scan_and_by_heap_give_the_same_rates(seed: int) -> None:
+    """Small regions are filled by a scan, large ones with a heap: same rates, bit for
+    bit (ties included: equal capacities and equal shares are common)."""
+    rng = random.Random(seed)
+    net = Network(Engine(seed=seed))
+    capacities = [rng.choice([10.0, 20.0, 30.0, rng.uniform(1, 50)]) for _ in range(12)]
+    hosts = [net.add_host(f"h{i}", up=c * MB, down=rng.choice([c, 2 * c, math.inf]) * MB)
+             for i, c in enumerate(capacities)]
+    flows = []
+    for _ in range(rng.randrange(1, 60)):
+        src, dst = rng.sample(hosts, 2)
+        flows.append(net.transfer(src, dst, MB, lambda: None, tag="x"))
+    for flow in flows[::3]:  # some rates frozen outside the region
+        flow.rate = rng.uniform(0, 2) * MB
+        flow.src.up.total += flow.rate
+        flow.dst.down.total += flow.rate
+    region = [f for f in flows if f not in flows[::3]] or flows
+    scan = max_min_rates(region)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(network, "SCAN_LIMIT", 0)  # every region by heap
+        heap = max_min_rates(region)
+    assert scan == heap
+    assert all(rate >= 0 for rate in scan)
