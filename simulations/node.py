@@ -660,6 +660,8 @@ class BlobDownload:
                 mask |= 1 << index
             else:
                 del lacks[index]
+        if not lacks:
+            del self.refused_by[peer_id]
         return mask
 
     def _lease(self) -> None:

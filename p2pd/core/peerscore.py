@@ -68,6 +68,8 @@ class InFlight:
         if request is None:
             return False
         request.alive = False
+        if not requests:  # a peer asked for nothing keeps no entry (10,000 nodes' worth)
+            del self._by_peer[peer_id]
         askers = self._by_piece[index]
         askers.remove(peer_id)
         if not askers:
