@@ -1,14 +1,18 @@
 """``python -m simulations ...``: the commands are in :mod:`simulations.cli`.
 
-Before it imports them, this loads the compiled build of the hot modules if one exists
-for the current sources (``python -m simulations build``; :mod:`simulations.compiled`).
+Before it imports them, ``run`` and ``sweep`` restart on transparent huge pages where
+the machine allows (:mod:`simulations.hugepages`), and every command but ``build`` loads
+the compiled build of the hot modules if one exists for the current sources
+(``python -m simulations build``; :mod:`simulations.compiled`).
 """
 
 import sys
 
-from simulations import compiled
+from simulations import compiled, hugepages
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["run"], ["sweep"]):
+        hugepages.reexec(sys.argv[1:])
     if sys.argv[1:2] != ["build"]:
         compiled.activate()
     from simulations.cli import main

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 
 from p2pd.core.membership import Member, coordinator_for
+from simulations import hugepages
 from simulations.compiled import in_use
 from simulations.engine import Engine
 from simulations.network import Flow, Host, Network
@@ -163,6 +164,8 @@ class Result:
     registry_series: tuple[tuple[float, float], ...] = field(default=(), repr=False)
     # what ran: the compiled build of the hot modules or the .py files (simulations.compiled)
     build: str = field(default_factory=in_use)
+    # how its memory was allocated: on transparent huge pages or not (simulations.hugepages)
+    memory: str = field(default_factory=hugepages.in_use)
 
     def percentile(self, q: float) -> float:
         """The nearest-rank ``q`` quantile (0 < q <= 1) of the pull times."""
