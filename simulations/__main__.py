@@ -12,7 +12,7 @@ from simulations import compiled, hugepages
 
 if __name__ == "__main__":
     if sys.argv[1:2] in (["run"], ["sweep"]):
-        hugepages.reexec(sys.argv[1:])
+        hugepages.reexec()
     if sys.argv[1:2] != ["build"]:
         compiled.activate()
     from simulations.cli import main

@@ -55,14 +55,13 @@ def environment(base: dict[str, str]) -> dict[str, str]:
     return {**base, "PYTHONMALLOC": "malloc", "GLIBC_TUNABLES": ":".join(tunables)}
 
 
-def reexec(argv: list[str]) -> None:
-    """Run ``python -m simulations argv`` again on huge pages, if it is not yet and can
-    (see the module docstring); otherwise return."""
+def reexec() -> None:
+    """Run this command again, interpreter options and all, on huge pages, if it is not
+    yet and can (see the module docstring); otherwise return."""
     if in_use() == "huge pages" or os.environ.get("P2PD_SIM_HUGEPAGES") == "0":
         return
     if not available():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "simulations", *argv],
-              environment(dict(os.environ)))
+    os.execve(sys.executable, sys.orig_argv, environment(dict(os.environ)))
