@@ -17,15 +17,16 @@ slows the others on it: those need no new timer until the old one comes up).
 
 Which flows are recomputed (``exact=False``, the default): the flows on the resources
 whose set of flows changed (the *region*: the uplink of the flow's source and the
-downlink of its destination, for each flow that started or ended). Resources further
-out keep the rates of their other flows frozen and offer the region only what those
-leave free (``capacity - frozen rates``, kept as a running sum per resource), so
-capacity is never oversubscribed. The cost per change is O(k + r²) for the k flows on
-the two endpoints (bounded by upload slots and in-flight limits, ~100) and the r
-resources they use (the filling scans them for the smallest share; above
-:data:`SCAN_LIMIT` it keeps a heap), independent of the number of hosts and flows. The approximation: capacity freed two hops away (a flow
-in the region slowed down, leaving room on its *other* end) is not handed out until
-something changes on that resource — usually within one piece time in a busy swarm.
+downlink of its destination, for each flow that started or ended). Resources further out
+keep the rates of their other flows frozen and offer the region only what those leave
+free (``capacity - frozen rates``, kept as a running sum per resource), so capacity is
+never oversubscribed. The cost per change is O(k + r²) for the k flows on the two
+endpoints (bounded by upload slots and in-flight limits, ~100) and the r resources they
+use (the filling scans them for the smallest share; above :data:`SCAN_LIMIT` it keeps a
+heap), independent of the number of hosts and flows. The approximation: capacity freed
+two hops away (a flow in the region slowed down, leaving room on its *other* end) is not
+handed out until something changes on that resource — usually within one piece time in a
+busy swarm.
 Changes at one instant are batched: starts and ends mark resources dirty and one
 recomputation runs after the other events of that instant (a zero-delay event).
 

@@ -48,8 +48,9 @@ Speed: piece sets are ints used as bitsets (bit = the piece's random rank), pend
 pieces sit in buckets by availability, so a pick is a few ANDs; counts change
 incrementally and complete peers are one shared count. Only peers whose situation
 changed are reconsidered, and one holding nothing pending (nor, in the endgame, anything
-that may take another copy) is passed over with one AND. Iteration is over dicts and ints, never sets of peer ids, so a
-seed plus a sequence of events determines the actions.
+that may take another copy) is passed over with one AND. Iteration is over dicts and
+ints, never sets of peer ids, so a seed plus a sequence of events determines the
+actions.
 """
 
 from __future__ import annotations
