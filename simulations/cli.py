@@ -31,9 +31,11 @@ from simulations.node import Limits
 from simulations.report import (
     RESULTS_DIR,
     RUNNERS,
+    default_jobs,
     plot_cdf,
     plot_egress,
     plot_sweep,
+    run_many,
     run_modes,
     run_study,
     save_study,
@@ -115,11 +117,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="where `run NAME` writes its results")
     run.add_argument("--case", default=None,
                      help="`run NAME`: only the cases whose label contains this text")
+    run.add_argument("--jobs", type=int, default=default_jobs(),
+                     help="`run NAME`: cases run at once, one process each (default: "
+                          "one per core)")
     sweep = commands.add_parser("sweep", help="time until all are done against N")
     _scenario_flags(sweep)
     sweep.add_argument("--nodes-list", required=True, help="e.g. 10,30,100,300")
     sweep.add_argument("--modes", default="p2p,direct")
     sweep.add_argument("--plot", type=Path, default=None, help="write the plot here")
+    sweep.add_argument("--jobs", type=int, default=default_jobs(),
+                       help="values of N run at once, one process each (default: one per "
+                            "core)")
     commands.add_parser("build", help="compile the simulation's hot modules (mypyc): "
                                       "same results, about half the wall time")
     add_emulate_parser(commands)
@@ -214,7 +222,8 @@ def _run(args: argparse.Namespace) -> int:
             study = replace(study, cases=cases)
         _hint(max(case.scenario.nodes for case in study.cases))
         rows = run_study(study, log,  # type: ignore[arg-type]
-                         lambda rows: save_study(study, rows, args.results), _progress(args))
+                         lambda rows: save_study(study, rows, args.results), _progress(args),
+                         jobs=args.jobs)
         path = save_study(study, rows, args.results)
         if len({row["nodes"] for row in rows}) > 2:  # a sweep over N: plot it
             plot_sweep(study_sweeps(rows), path.with_suffix(".png"), study.title)
@@ -245,11 +254,13 @@ def _sweep(args: argparse.Namespace) -> int:
     log = _log(args)
     modes = _modes(args)
     series: dict[str, list[tuple[int, float]]] = {m: [] for m in modes}
-    for n in (int(x) for x in args.nodes_list.split(",")):
-        for mode, result in run_modes(scenario_from(args, nodes=n), modes).items():
-            series[mode].append((n, result.makespan))
-            log(f"N={n} {mode}: all done at {result.makespan:.2f} s "
-                f"(bound {result.bound:.2f} s, wall {result.wall:.1f} s)")  # type: ignore[operator]
+    counts = [int(x) for x in args.nodes_list.split(",")]
+    scenarios = [scenario_from(args, nodes=n) for n in counts]
+    for n, summaries in zip(counts, run_many(scenarios, modes, args.jobs), strict=True):
+        for mode, summary in summaries.items():
+            series[mode].append((n, summary["max"]))
+            log(f"N={n} {mode}: all done at {summary['max']:.2f} s "  # type: ignore[operator]
+                f"(bound {summary['bound']:.2f} s, wall {summary['wall']:.1f} s)")
     if args.plot is not None:
         plot_sweep(series, args.plot, "time until every node is done")
     if args.json:

@@ -11,7 +11,10 @@ registry egress over time).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
@@ -38,19 +41,76 @@ def run_modes(scenario: Scenario, modes: Sequence[str],
     return out
 
 
+Summaries = dict[str, dict[str, Any]]  # mode -> Result.summary()
+
+# What the worker processes of run_many run: set before they are forked, read by them
+_JOBS: tuple[Sequence[Scenario], Sequence[str], Callable[[str], None],
+             Callable[[Progress], None] | None] | None = None
+
+
+def _summaries(index: int) -> Summaries:
+    assert _JOBS is not None
+    scenarios, modes, log, progress = _JOBS
+    results = run_modes(scenarios[index], modes, log, progress)
+    sys.stdout.flush()  # the pool ends its workers without flushing their buffers
+    sys.stderr.flush()
+    return {mode: result.summary() for mode, result in results.items()}
+
+
+def run_many(scenarios: Sequence[Scenario], modes: Sequence[str], jobs: int = 1,
+             log: Callable[[str], None] = lambda line: None,
+             progress: Callable[[Progress], None] | None = None) -> Generator[Summaries, None, None]:
+    """Each scenario in each of ``modes``: the results' summaries, in order.
+
+    ``jobs`` > 1 runs that many scenarios at once, each in a process forked from this one
+    (a run is one core's work, and independent of the others; its figures are the same
+    either way, only the wall time each reports is measured beside the others). The
+    summaries come in order, each as soon as it and those before it are done."""
+    global _JOBS
+    jobs = max(1, min(jobs, len(scenarios)))
+    if jobs == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for scenario in scenarios:
+            results = run_modes(scenario, modes, log, progress)
+            yield {mode: result.summary() for mode, result in results.items()}
+        return
+    _JOBS = (scenarios, modes, log, progress)
+    sys.stdout.flush()  # or each worker would write what this process had buffered
+    sys.stderr.flush()
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            yield from pool.imap(_summaries, range(len(scenarios)))
+    finally:
+        _JOBS = None
+
+
+def default_jobs() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
 def run_study(study: Study, log: Callable[[str], None] = lambda line: None,
               done: Callable[[list[dict[str, Any]]], object] = lambda rows: None,
-              progress: Callable[[Progress], None] | None = None,
+              progress: Callable[[Progress], None] | None = None, jobs: int = 1,
               ) -> list[dict[str, Any]]:
     """Every case in every mode: one row each (JSON-ready), with the published figures.
-    ``done`` gets the rows so far after each case (to save a long study as it goes)."""
+    ``done`` gets the rows so far after each case (to save a long study as it goes);
+    ``jobs`` cases run at once (see :func:`run_many`)."""
     rows: list[dict[str, Any]] = []
+    if jobs > 1:
+        log(f"{study.name}: {len(study.cases)} cases, up to {jobs} at once")
+    runs = run_many([case.scenario for case in study.cases], study.modes, jobs, log,
+                    progress)
     for case in study.cases:
-        log(f"{study.name}: {case.label}")
-        for mode, result in run_modes(case.scenario, study.modes, log, progress).items():
+        if jobs <= 1:
+            log(f"{study.name}: {case.label}")
+        summaries = next(runs)
+        if jobs > 1:
+            log(f"{study.name}: {case.label} done")
+        for mode, summary in summaries.items():
             rows.append({"case": case.label, "mode": mode, "published": case.published,
-                         "nodes": case.scenario.nodes, **result.summary()})
+                         "nodes": case.scenario.nodes, **summary})
         done(rows)
+    runs.close()
     return rows
 
 

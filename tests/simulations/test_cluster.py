@@ -297,3 +297,29 @@ def test_a_run_leaves_no_reference_cycles() -> None:
     finally:
         if collecting:
             gc.enable()
+
+
+def test_cases_run_at_once_give_the_rows_of_cases_run_one_by_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    study = STUDIES["dragonfly-volcano"]
+    small = replace(study, cases=tuple(
+        replace(c, scenario=replace(c.scenario, nodes=3 + i, image_bytes=8 * MiB,
+                                    layer_sizes=(), layers=2, seed=i))
+        for i, c in enumerate(study.cases[:3])))
+    saved: list[int] = []
+    alone = run_study(small, jobs=1)
+    together = run_study(small, done=lambda rows: saved.append(len(rows)), jobs=2)
+    for row in (*alone, *together):
+        del row["wall"]
+    assert together == alone  # same figures, same order
+    assert saved == [2, 4, 6]  # the rows so far, after each case, in order
+    assert len({row["p50"] for row in alone}) > 1  # the cases differ
+    assert main(["sweep", "--nodes-list", "3,5,4", "--image-mb", "8", "--layers", "2",
+                 "--node-up", "20", "--node-down", "20", "--registry", "20", "--json",
+                 "--jobs", "2"]) == 0
+    series = json.loads(capsys.readouterr().out)
+    assert [n for n, _ in series["p2p"]] == [3, 5, 4]
+    assert main(["sweep", "--nodes-list", "3,5,4", "--image-mb", "8", "--layers", "2",
+                 "--node-up", "20", "--node-down", "20", "--registry", "20", "--json",
+                 "--jobs", "1"]) == 0
+    assert json.loads(capsys.readouterr().out) == series
