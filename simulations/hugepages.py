@@ -10,12 +10,13 @@ pages. glibc's ``malloc`` asks for them when told to (the tunable
 are ``always`` or ``madvise``.
 
 How: ``python -m simulations run`` and ``sweep`` call :func:`reexec` before anything
-else. Unless the process already runs so, ``P2PD_SIM_HUGEPAGES=0`` is set, or the
-machine cannot (not glibc 2.35+, or transparent huge pages ``never``), it runs itself
-again (``os.execv``) with ``PYTHONMALLOC=malloc`` and the tunable added to
-``GLIBC_TUNABLES``. Nothing the simulation computes depends on where objects live
-(a test compares a run with and without), so only the wall time changes. A run's
-result says which it had (``memory``: :func:`in_use`).
+else. Unless the process already runs so, ``P2PD_SIM_HUGEPAGES=0`` is set,
+``PYTHONMALLOC`` names another allocator, or the machine cannot (not glibc 2.35+, or
+transparent huge pages ``never``), it runs itself again (``os.execve``) with
+``PYTHONMALLOC=malloc`` and the tunable added to ``GLIBC_TUNABLES``. Nothing the
+simulation computes depends on where objects live (a test compares a run with and
+without), so only the wall time changes. A run's result says which it had (``memory``:
+:func:`in_use`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def reexec() -> None:
     yet and can (see the module docstring); otherwise return."""
     if in_use() == "huge pages" or os.environ.get("P2PD_SIM_HUGEPAGES") == "0":
         return
+    if os.environ.get("PYTHONMALLOC", "malloc") != "malloc":
+        return  # the user chose another allocator (debug hooks, say)
     if not available():
         return
     sys.stdout.flush()

@@ -59,7 +59,8 @@ def _summaries(index: int) -> Summaries:
 
 def run_many(scenarios: Sequence[Scenario], modes: Sequence[str], jobs: int = 1,
              log: Callable[[str], None] = lambda line: None,
-             progress: Callable[[Progress], None] | None = None) -> Generator[Summaries, None, None]:
+             progress: Callable[[Progress], None] | None = None,
+             ) -> Generator[Summaries, None, None]:
     """Each scenario in each of ``modes``: the results' summaries, in order.
 
     ``jobs`` > 1 runs that many scenarios at once, each in a process forked from this one

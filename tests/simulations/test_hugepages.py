@@ -43,3 +43,8 @@ def test_the_environment_adds_the_tunable_once_and_keeps_others() -> None:
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     assert hugepages.environment(env) == env
     assert hugepages.environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_an_allocator_the_user_chose_is_kept() -> None:
+    chosen = _simulate(PYTHONMALLOC="pymalloc_debug")
+    assert {r["memory"] for r in chosen.values()} == {"default"}
