@@ -3,11 +3,11 @@
 Why: a 10,000-node run holds about a gigabyte of small objects (schedulers, flows,
 timers, dicts), and each event touches a few of them, anywhere in it. With 4 KiB pages
 nearly every such touch also misses the TLB; a native profile of the compiled build puts
-a third of the time on the first touch of an object (``Py_DECREF``'s self time). CPython's
-own allocator takes memory in 1 MiB arenas, which the kernel does not back with 2 MiB
-pages. glibc's ``malloc`` asks for them when told to (the tunable
-``glibc.malloc.hugetlb=1``, glibc 2.35 and later) on a kernel whose transparent huge pages
-are ``always`` or ``madvise``.
+a third of the time on the first touch of an object (``Py_DECREF``'s self time).
+CPython's own allocator takes memory in 1 MiB arenas and never asks for huge pages, so
+with the kernel's usual ``madvise`` setting it gets 4 KiB ones. glibc's ``malloc`` asks
+for them when told to (the tunable ``glibc.malloc.hugetlb=1``, glibc 2.35 and later) on
+a kernel whose transparent huge pages are ``always`` or ``madvise``.
 
 How: ``python -m simulations run`` and ``sweep`` call :func:`reexec` before anything
 else. Unless the process already runs so, ``P2PD_SIM_HUGEPAGES=0`` is set,
