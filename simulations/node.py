@@ -611,8 +611,8 @@ class BlobDownload:
         if self.completed:
             return
         self.lookup_time = self.answer_time = self.engine.now - self.lookup_sent
-        self.next_lookup = self.engine.now + lookup_wait(self.node.rng,
-                                                         self.node.limits.lookup_jitter)
+        self.next_lookup = self.engine.now + lookup_wait(
+            self.node.rng, self.node.limits.lookup_jitter, self.answer_time)
         now = self.engine.now
         seen = self.seen
         self.hashed |= answer.announced

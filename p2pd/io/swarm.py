@@ -465,14 +465,17 @@ class _Fetch:
         await self.swarm.announce(self.state)
 
     async def _lookups(self) -> None:
-        """Look the swarm up, one lookup at a time, ``lookup_wait`` after each answer.
+        """Look the swarm up, one lookup at a time, ``lookup_wait`` after each answer
+        (longer after a slow one: :data:`~p2pd.core.tuning.LOOKUP_BACKOFF`).
 
         Beside the loop, not in it: a coordinator with many askers answers slowly (it
         works through their lookups one after another), and a loop that waited for
         the answer would ask peers for nothing meanwhile. One at a time, so a slow
         coordinator slows its askers' lookups down instead of being sent more."""
         while not self.solo:
-            await trio.sleep(lookup_wait(self.swarm.rng))
+            # a slow answer means a queue at the coordinator: back off in proportion
+            answered_in = self.lookup_time if self.lookup_time < LOOKUP_TIMEOUT else 0.0
+            await trio.sleep(lookup_wait(self.swarm.rng, answered_in=answered_in))
             if self.solo:
                 break
             await self._lookup(trio.current_time())

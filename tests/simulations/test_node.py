@@ -188,8 +188,11 @@ def test_a_swamped_coordinator_slows_the_pull_but_sends_nobody_upstream(
     # so its answers come seconds late and lease answers later than RPC_TIMEOUT. None
     # of that is taken for a dead coordinator: nobody goes solo, the registry sends the
     # image once, and the pull is only slower than with coordinators that cost nothing.
+    import p2pd.core.tuning as tuning
     import simulations.node as node_module
 
+    # askers that do not back off from a slow coordinator (LOOKUP_BACKOFF): the worst case
+    monkeypatch.setattr(tuning, "LOOKUP_BACKOFF", 0.0)
     scenario = Scenario(nodes=40, image_bytes=64 * MiB, layers=1, node_up=50 * MiB,
                         node_down=50 * MiB, registry_up=50 * MiB, seed=1)
     free = Cluster(replace(scenario, coordinator_cpu=False)).run()
@@ -204,6 +207,42 @@ def test_a_swamped_coordinator_slows_the_pull_but_sends_nobody_upstream(
     assert not any(d.solo for d in downloads)
     assert swamped.registry_bytes == free.registry_bytes == scenario.image_bytes
     assert swamped.makespan > free.makespan
+
+
+def test_askers_back_off_from_a_swamped_coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the swamped coordinator above: waiting LOOKUP_BACKOFF times each answer's delay
+    # before the next lookup sends it fewer lookups and shortens its queue
+    import p2pd.core.tuning as tuning
+    import simulations.node as node_module
+
+    scenario = Scenario(nodes=40, image_bytes=64 * MiB, layers=1, node_up=50 * MiB,
+                        node_down=50 * MiB, registry_up=50 * MiB, seed=1)
+    slow = {kind: (300 * fixed, 300 * per_piece)
+            for kind, (fixed, per_piece) in node_module.COORDINATOR_CPU.items()}
+    monkeypatch.setattr(node_module, "COORDINATOR_CPU", slow)
+    real = BlobDownload._lookup
+
+    def run(backoff: float) -> tuple[int, float, int]:
+        monkeypatch.setattr(tuning, "LOOKUP_BACKOFF", backoff)
+        lookups = 0
+
+        def counting(self: BlobDownload) -> None:
+            nonlocal lookups
+            lookups += 1
+            real(self)
+
+        monkeypatch.setattr(BlobDownload, "_lookup", counting)
+        cluster = Cluster(scenario)
+        result = cluster.run()
+        slowest = max(d.answer_time for n in cluster.nodes.values()
+                      for d in n.downloads.values())
+        return lookups, slowest, result.registry_bytes
+
+    default = tuning.LOOKUP_BACKOFF
+    eager, patient = run(0.0), run(default)
+    assert patient[0] < eager[0]  # fewer lookups
+    assert patient[1] < eager[1]  # answered sooner
+    assert patient[2] == eager[2] == scenario.image_bytes  # nobody went solo
 
 
 @pytest.mark.parametrize("gone", [False, True])
