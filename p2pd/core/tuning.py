@@ -89,7 +89,7 @@ Simulated, 1 GB in 4 MiB pieces on 10 Gbit/s links, the coordinators' CPU charge
 1,000 nodes p50 2.79 → 2.70 s. Without :data:`LOOKUP_BACKOFF_MAX`, three times the
 delay gave 7.64 s at 10,000 nodes and six times 6.21 s; but with three times, 40 nodes
 whose coordinator costs 300 times as much waited 7.8 s after their first answer, and
-two went upstream for pieces (1.44 × the image from the registry)."""
+two went upstream for pieces (the registry sent the image 1.44 times)."""
 LOOKUP_BACKOFF_MAX = 8 * LOOKUP_INTERVAL
 """The longest wait between lookups that backing off makes: the first answers come late
 to everyone who started at once (the queue is every asker's first lookup), and a
