@@ -37,7 +37,8 @@ Simplifications (each a deliberate difference from the daemon):
   it one at a time, in the order they were sent, on one core (its node's own downloads
   and uploads take none of that core). As in the daemon, the first lookup and every
   lease request are awaited by the loop; later lookups go on beside it, one at a time,
-  each ``lookup_wait`` after the last answer; announcements go out no more often than
+  each ``lookup_wait`` after the last answer (longer after a slow one, as the daemon's:
+  ``LOOKUP_BACKOFF``); announcements go out no more often than
   the last lookup took to answer; an answer later than ``LOOKUP_TIMEOUT`` (leases:
   ``RPC_TIMEOUT``) is given up on (the coordinator is asked again later), and a dead
   coordinator sends the download solo. Messages are never lost; a node fails only by
