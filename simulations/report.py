@@ -66,7 +66,8 @@ def run_many(scenarios: Sequence[Scenario], modes: Sequence[str], jobs: int = 1,
     ``jobs`` > 1 runs that many scenarios at once, each in a process forked from this one
     (a run is one core's work, and independent of the others; its figures are the same
     either way, only the wall time each reports is measured beside the others). The
-    summaries come in order, each as soon as it and those before it are done."""
+    largest (nodes times bytes) start first, so that the longest run does not start last;
+    the summaries come in order, each as soon as it and those before it are done."""
     global _JOBS
     jobs = max(1, min(jobs, len(scenarios)))
     if jobs == 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -77,9 +78,13 @@ def run_many(scenarios: Sequence[Scenario], modes: Sequence[str], jobs: int = 1,
     _JOBS = (scenarios, modes, log, progress)
     sys.stdout.flush()  # or each worker would write what this process had buffered
     sys.stderr.flush()
+    largest_first = sorted(range(len(scenarios)),
+                           key=lambda i: -scenarios[i].nodes * scenarios[i].image_bytes)
     try:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            yield from pool.imap(_summaries, range(len(scenarios)))
+            pending = {i: pool.apply_async(_summaries, (i,)) for i in largest_first}
+            for i in range(len(scenarios)):
+                yield pending[i].get()
     finally:
         _JOBS = None
 
