@@ -102,6 +102,7 @@ def run_study(study: Study, log: Callable[[str], None] = lambda line: None,
     ``done`` gets the rows so far after each case (to save a long study as it goes);
     ``jobs`` cases run at once (see :func:`run_many`)."""
     rows: list[dict[str, Any]] = []
+    jobs = max(1, min(jobs, len(study.cases)))
     if jobs > 1:
         log(f"{study.name}: {len(study.cases)} cases, up to {jobs} at once")
     runs = run_many([case.scenario for case in study.cases], study.modes, jobs, log,
