@@ -324,27 +324,8 @@ def _fill_rates(region: list[Flow]) -> None:
     seen: list[Resource] = []  # resources by position, first seen first (``number``)
     for flow in region:
         flow.fixed = -1.0
-        rate, up, down = flow.rate, flow.src.up, flow.dst.down
-        if up.number < 0:
-            up.number = len(seen)
-            seen.append(up)
-            up.members = [flow]
-            up.avail = up.capacity - up.total + rate  # the region's own rates are up
-            up.left = 1                               # for grabs
-        else:
-            up.members.append(flow)
-            up.avail += rate
-            up.left += 1
-        if down.number < 0:
-            down.number = len(seen)
-            seen.append(down)
-            down.members = [flow]
-            down.avail = down.capacity - down.total + rate
-            down.left = 1
-        else:
-            down.members.append(flow)
-            down.avail += rate
-            down.left += 1
+        _join(flow.src.up, flow, seen)
+        _join(flow.dst.down, flow, seen)
     for resource in seen:
         resource.share = max(resource.avail, 0.0) / resource.left
     if len(seen) > SCAN_LIMIT:
@@ -357,6 +338,20 @@ def _fill_rates(region: list[Flow]) -> None:
     for flow in region:
         if flow.fixed < 0:
             flow.fixed = 0.0
+
+
+def _join(resource: Resource, flow: Flow, seen: list[Resource]) -> None:
+    """``flow`` of the region goes through ``resource``: its rate is up for grabs there."""
+    if resource.number < 0:
+        resource.number = len(seen)
+        seen.append(resource)
+        resource.members = [flow]
+        resource.avail = resource.capacity - resource.total + flow.rate
+        resource.left = 1
+    else:
+        resource.members.append(flow)
+        resource.avail += flow.rate
+        resource.left += 1
 
 
 def _freeze(resource: Resource, share: float) -> None:

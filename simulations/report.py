@@ -48,13 +48,19 @@ _JOBS: tuple[Sequence[Scenario], Sequence[str], Callable[[str], None],
              Callable[[Progress], None] | None] | None = None
 
 
+def _summarize(scenario: Scenario, modes: Sequence[str], log: Callable[[str], None],
+               progress: Callable[[Progress], None] | None) -> Summaries:
+    results = run_modes(scenario, modes, log, progress)
+    return {mode: result.summary() for mode, result in results.items()}
+
+
 def _summaries(index: int) -> Summaries:
     assert _JOBS is not None
     scenarios, modes, log, progress = _JOBS
-    results = run_modes(scenarios[index], modes, log, progress)
+    summaries = _summarize(scenarios[index], modes, log, progress)
     sys.stdout.flush()  # the pool ends its workers without flushing their buffers
     sys.stderr.flush()
-    return {mode: result.summary() for mode, result in results.items()}
+    return summaries
 
 
 def run_many(scenarios: Sequence[Scenario], modes: Sequence[str], jobs: int = 1,
@@ -72,8 +78,7 @@ def run_many(scenarios: Sequence[Scenario], modes: Sequence[str], jobs: int = 1,
     jobs = max(1, min(jobs, len(scenarios)))
     if jobs == 1 or "fork" not in multiprocessing.get_all_start_methods():
         for scenario in scenarios:
-            results = run_modes(scenario, modes, log, progress)
-            yield {mode: result.summary() for mode, result in results.items()}
+            yield _summarize(scenario, modes, log, progress)
         return
     _JOBS = (scenarios, modes, log, progress)
     sys.stdout.flush()  # or each worker would write what this process had buffered

@@ -588,17 +588,11 @@ class Scheduler:
         if peer_id in self._resting:
             return
         mask, asked, starved = self._masks[peer_id], self._asked, False
-        if not mask & (self._pending_bits | (self._dup_bits if endgame else 0)) \
-                and len(asked) < self._max_total:
-            # nothing it could be asked for (the loop below would find so, piece by
-            # piece): it waits among the idle
-            self._idle.pop(peer_id, None)
-            self._starved.pop(peer_id, None)
-            if asked.free(peer_id):
-                self._idle[peer_id] = None
-                self._idle_bits |= mask
-            return
-        for _ in range(asked.free(peer_id)):
+        wanted = self._pending_bits | (self._dup_bits if endgame else 0)
+        # a peer holding nothing it could be asked for skips the loop, which would find
+        # so piece by piece (unless the cap holds it back: then it waits among the starved)
+        tries = asked.free(peer_id) if mask & wanted or len(asked) >= self._max_total else 0
+        for _ in range(tries):
             if len(asked) >= self._max_total:
                 starved = True
                 break
