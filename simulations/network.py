@@ -27,6 +27,9 @@ heap), independent of the number of hosts and flows. The approximation: capacity
 two hops away (a flow in the region slowed down, leaving room on its *other* end) is not
 handed out until something changes on that resource — usually within one piece time in a
 busy swarm.
+A flow may be a connection that sends transfers one after another (``more``): when one
+is sent, the next goes on at the same rate with no recomputation, since the links carry
+the same flows as before.
 Changes at one instant are batched: starts and ends mark resources dirty and one
 recomputation runs after the other events of that instant (a zero-delay event).
 
@@ -53,6 +56,11 @@ _LEFTOVER = 1e-9  # relative: a flow with less than this left at its timer is do
 
 def _nothing() -> None:
     pass
+
+
+More = Callable[[], "tuple[int, Callable[[], None]] | None"]
+"""Asked when a flow's bytes are all sent: the size and ``on_done`` of the next transfer
+queued on the same connection (``None``: the connection has nothing more to send)."""
 
 
 class Resource:
@@ -94,8 +102,8 @@ class Host:
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("counted", "done", "dst", "finish", "fixed", "on_done", "on_sent", "rate",
-                 "remaining", "since", "size", "src", "tag", "timer")
+    __slots__ = ("counted", "done", "dst", "finish", "fixed", "more", "on_done", "on_sent",
+                 "rate", "remaining", "since", "size", "src", "tag", "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -107,6 +115,7 @@ class Flow:
         self.done = False
         self.finish: Callable[[], None] = on_done  # the network's finish timer callback
         self.on_sent: Callable[[], None] | None = None
+        self.more: More | None = None  # the next transfer on the same connection, if any
         self.counted = True  # in the statistics' bytes
         self.fixed = 0.0  # scratch for max_min_rates: its new rate (-1: not frozen yet)
 
@@ -157,11 +166,18 @@ class Network:
 
     def transfer(self, src: Host, dst: Host, size: int, on_done: Callable[[], None], *,
                  tag: str, on_sent: Callable[[], None] | None = None,
-                 counted: bool = True) -> Flow:
+                 counted: bool = True, more: More | None = None) -> Flow:
         """Start moving ``size`` bytes now; ``on_done`` runs when the last byte has
         arrived (finish time plus the one-way latency), ``on_sent`` when it has left (the
         finish time). ``tag`` labels the bytes; ``counted=False`` leaves them out of the
-        statistics' bytes (work modelled as a flow, not traffic)."""
+        statistics' bytes (work modelled as a flow, not traffic).
+
+        ``more``: the flow is a connection that sends transfers one after another. When
+        one is sent, ``more()`` gives the next one's size and ``on_done``, and the flow
+        goes on with it at the same rate: the links carry the same flows as before, so no
+        rate changes (a connection's next frame follows its last without a gap). Each
+        transfer counts as a flow of its own in the statistics; ``on_sent`` runs after
+        each."""
         if size <= 0:
             raise ValueError("a flow moves at least one byte")
         if math.isinf(src.up.capacity) and math.isinf(dst.down.capacity):
@@ -169,6 +185,7 @@ class Network:
         flow = Flow(src, dst, size, tag, on_done, self.engine.now)
         flow.finish = partial(self._finish, flow)
         flow.on_sent = on_sent
+        flow.more = more
         flow.counted = counted
         self._flows[flow] = None
         src.up.flows[flow] = None
@@ -214,6 +231,7 @@ class Network:
         # the caller's closures), and without these cycles reference counting frees it
         # at once (the engine runs with the cyclic garbage collector off).
         flow.timer, flow.finish, flow.on_done, flow.on_sent = None, _nothing, _nothing, None
+        flow.more = None
         del self._flows[flow]
         for resource in (flow.src.up, flow.dst.down):
             del resource.flows[flow]
@@ -240,7 +258,11 @@ class Network:
             self._bytes[flow.tag] += flow.size
         self._counts[1] += 1
         on_sent, on_done = flow.on_sent, flow.on_done
-        self._remove(flow)
+        following = flow.more() if flow.more is not None else None
+        if following is None:
+            self._remove(flow)
+        else:
+            self._follow(flow, *following)
         if on_sent is not None:
             on_sent()
         delay = self.latency(flow.src, flow.dst)
@@ -248,6 +270,18 @@ class Network:
             self.engine.schedule(delay, on_done)
         else:
             on_done()
+
+    def _follow(self, flow: Flow, size: int, on_done: Callable[[], None]) -> None:
+        """``flow`` goes on with the next transfer of its connection, at its rate."""
+        if size <= 0:
+            raise ValueError("a flow moves at least one byte")
+        if flow.src.up in self._sent:
+            self._sent[flow.src.up] += flow.size
+        flow.size, flow.remaining, flow.on_done = size, float(size), on_done
+        if flow.counted:
+            self._started += size
+        self._counts[0] += 1
+        flow.timer = self.engine.schedule_at(self.engine.now + size / flow.rate, flow.finish)
 
     def _recompute(self) -> None:
         self._reflow = None

@@ -21,6 +21,9 @@ last lookup showed announced (``PeerList.announced``).
 Holders serve at most :data:`MAX_UPLOADS` requests at once; up to :data:`MAX_WAITING`
 more wait for a slot and are refused as busy after :data:`BUSY_AFTER`, any beyond are
 refused at once, like ``p2pd/io/peer.py``; the asker's scheduler rests that peer.
+A holder's pieces for one asker go one after another on their connection, each holding
+its slot until its last byte has left (the daemon sends whole frames onto a connection
+one at a time): one flow per connection, which goes on with the next piece at its rate.
 The requests one turn of the loop sends to one holder travel as one event, and so do
 the refusals a holder answers them with at once: the same calls as one event per
 message, which would all fall due at the same instant (the cost of a large run is
@@ -157,6 +160,21 @@ class BlobSpec:
     size: int
 
 
+class _Connection:
+    """A holder's connection to one asker: the piece on the wire (``sending``: digest,
+    index and the holder's ``HAVE`` bits) and those queued behind it, each holding an
+    upload slot. The daemon sends whole frames onto a connection one at a time
+    (``p2pd.io.peer._Sender``), so one flow carries them in turn."""
+
+    __slots__ = ("asker", "flow", "queue", "sending")
+
+    def __init__(self, asker: SimNode, piece: tuple[str, int, int]) -> None:
+        self.asker = asker
+        self.sending = piece
+        self.flow: Flow | None = None
+        self.queue: deque[tuple[str, int, int]] = deque()
+
+
 class SimNode:
     """One simulated host running p2pd (see the module docstring)."""
 
@@ -175,7 +193,7 @@ class SimNode:
         # requests waiting for an upload slot: (asker, digest, index, refused at)
         self._queue: deque[tuple[SimNode, str, int, float]] = deque()
         self._expiry: Timer | None = None  # refuses the queue's front when it is due
-        self._uploads: dict[Flow, tuple[SimNode, str]] = {}
+        self._conns: dict[SimNode, _Connection] = {}  # to each asker we send pieces
         self._waiting: deque[BlobSpec] = deque()  # layers containerd has not asked for yet
         self._active: list[BlobDownload] = []
         self.dead: set[str] = set()  # peers found dead (membership)
@@ -365,22 +383,47 @@ class SimNode:
         self.engine.schedule(self.network.latency(self.host, asker.host) + extra, arrive)
 
     def _upload(self, asker: SimNode, digest: str, index: int) -> None:
+        """Send ``asker`` piece ``index`` (an upload slot is ours): at once if our
+        connection to it is idle, else after the pieces queued on it."""
         self.uploading += 1
-        length = asker.downloads[digest].layout.length(index)
+        piece = (digest, index, self.held.get(digest, 0))  # with our HAVE as of now
+        conn = self._conns.get(asker)
+        if conn is not None:
+            conn.queue.append(piece)
+            return
+        conn = self._conns[asker] = _Connection(asker, piece)
+        length, done = self._piece(asker, piece)
+        conn.flow = self.network.transfer(self.host, asker.host, length, done, tag="peer",
+                                          on_sent=self._slot_freed,
+                                          more=partial(self._next_piece, conn))
 
-        def sent() -> None:
-            del self._uploads[flow]
-            self._slot_freed()
-
-        bits = self.held.get(digest, 0)
+    def _piece(self, asker: SimNode, piece: tuple[str, int, int]
+               ) -> tuple[int, Callable[[], None]]:
+        """The length of ``piece`` and what its arrival at ``asker`` does."""
+        digest, index, bits = piece
+        download = asker.downloads[digest]
 
         def done() -> None:
             if not asker.crashed:
-                asker.downloads[digest].from_peer(self.name, index, bits)
+                download.from_peer(self.name, index, bits)
 
-        flow = self.network.transfer(self.host, asker.host, length, done, tag="peer",
-                                     on_sent=sent)
-        self._uploads[flow] = (asker, digest)
+        return download.layout.length(index), done
+
+    def _next_piece(self, conn: _Connection) -> tuple[int, Callable[[], None]] | None:
+        """The piece ``conn`` sends next, now that the last one is sent (``None``: the
+        connection is idle, and closed here)."""
+        if not conn.queue:
+            del self._conns[conn.asker]
+            return None
+        conn.sending = conn.queue.popleft()
+        return self._piece(conn.asker, conn.sending)
+
+    def _broken(self, asker: SimNode) -> None:
+        """``asker`` died: the pieces on our connection to it give their slots back."""
+        conn = self._conns.pop(asker, None)
+        if conn is not None:
+            for _ in range(1 + len(conn.queue)):
+                self._slot_freed()
 
     def _slot_freed(self) -> None:
         self.uploading -= 1
@@ -399,15 +442,18 @@ class SimNode:
         and peers downloading from it see their connections reset (one latency later)."""
         self.crashed = True
         network, cluster = self.network, self.cluster
-        for flow, (asker, digest) in list(self._uploads.items()):
-            network.cancel(flow)
-            self._reply(asker, partial(asker.downloads[digest].gone, self.name))
-        self._uploads.clear()
+        for conn in list(self._conns.values()):
+            if conn.flow is not None:
+                network.cancel(conn.flow)
+            asker = conn.asker
+            for digest in dict.fromkeys([conn.sending[0], *(p[0] for p in conn.queue)]):
+                self._reply(asker, partial(asker.downloads[digest].gone, self.name))
+        self._conns.clear()
         for flow in list(self.host.down.flows):
             uploader = cluster.nodes.get(flow.src.name)
             network.cancel(flow)
-            if uploader is not None and uploader._uploads.pop(flow, None) is not None:
-                uploader._slot_freed()
+            if uploader is not None:
+                uploader._broken(self)
         if self._expiry is not None:
             self._expiry.cancel()
         self._queue.clear()

@@ -2,6 +2,7 @@
 
 import math
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -129,6 +130,37 @@ def test_on_sent_runs_when_the_last_byte_leaves_on_done_when_it_arrives() -> Non
                  on_sent=lambda: seen.append(("sent", net.engine.now)))
     net.engine.run()
     assert seen == [("sent", pytest.approx(1.0)), ("done", pytest.approx(1.03))]
+
+
+def test_a_connection_sends_its_transfers_back_to_back_at_its_rate() -> None:
+    # a -> b carries three 10 MB transfers one after another while a -> c shares a's
+    # uplink: each gets 10 MB/s throughout (no rate changes between transfers), a's
+    # bytes arrive 0.01 s after they leave.
+    net = Network(Engine(seed=1))
+    a = net.add_host("a", up=20 * MB, latency=0.005)
+    b = net.add_host("b", up=1, down=100 * MB, latency=0.005)
+    c = net.add_host("c", up=1, down=100 * MB)
+    seen: list[tuple[str, float]] = []
+    queue = [2, 3]
+
+    def more() -> tuple[int, Callable[[], None]] | None:
+        if not queue:
+            return None
+        k = queue.pop(0)
+        return 10 * MB, lambda: seen.append((f"done {k}", net.engine.now))
+
+    net.transfer(a, b, 10 * MB, lambda: seen.append(("done 1", net.engine.now)), tag="x",
+                 on_sent=lambda: seen.append(("sent", net.engine.now)), more=more)
+    net.transfer(a, c, 40 * MB, lambda: seen.append(("c", net.engine.now)), tag="y")
+    net.engine.run()
+    assert seen == [("sent", pytest.approx(1.0)), ("done 1", pytest.approx(1.01)),
+                    ("sent", pytest.approx(2.0)), ("done 2", pytest.approx(2.01)),
+                    ("sent", pytest.approx(3.0)), ("done 3", pytest.approx(3.01)),
+                    ("c", pytest.approx(3.505))]
+    stats = net.statistics()
+    assert stats.flows_started == stats.flows_completed == 4 and stats.active == 0
+    assert stats.bytes_by_tag == {"x": 30 * MB, "y": 40 * MB}
+    assert stats.recomputes == 2  # the two starts (one batch) and the connection's end
 
 
 @pytest.mark.parametrize("seed", range(20))

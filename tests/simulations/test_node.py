@@ -56,6 +56,32 @@ def test_a_queued_request_gets_the_next_free_slot() -> None:
     assert not holder._queue
 
 
+def test_pieces_for_one_asker_go_one_after_another_each_holding_a_slot() -> None:
+    # The daemon sends whole frames onto a connection one at a time: two 1 MiB pieces
+    # asked together at 10 MiB/s arrive 0.1 s apart, not both at 0.2 s.
+    cluster, holder, asker, seen = _pair()
+    holder.on_requests(asker, SCENARIO.blobs()[0].digest, (0, 1))
+    cluster.engine.run(until=0.01)
+    assert holder.uploading == 2
+    cluster.engine.run()
+    latency = cluster.network.latency(holder.host, asker.host)
+    arrived = [(index, when - latency) for _, when, index in seen]
+    assert arrived == [(0, pytest.approx(0.1)), (1, pytest.approx(0.2))]
+    assert holder.uploading == 0 and not holder._conns
+    stats = cluster.network.statistics()
+    assert stats.flows_started == stats.flows_completed == 2
+
+
+def test_an_asker_that_dies_frees_every_slot_its_pieces_held() -> None:
+    cluster, holder, asker, seen = _pair()
+    holder.on_requests(asker, SCENARIO.blobs()[0].digest, (0, 1))
+    cluster.engine.run(until=0.05)
+    assert holder.uploading == 2
+    asker.crash()
+    cluster.engine.run()
+    assert holder.uploading == 0 and not holder._conns and not seen
+
+
 def test_beyond_max_waiting_a_request_is_refused_at_once() -> None:
     cluster, holder, asker, seen = _pair()
     digest = SCENARIO.blobs()[0].digest
