@@ -92,6 +92,11 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--free-coordinators", action="store_true",
                         help="coordinators answer at once, however many nodes ask (by "
                              "default each message costs its coordinator CPU time)")
+    parser.add_argument("--partitions", type=int, default=1,
+                        help="split the p2p run's nodes between this many processes, "
+                             "which exchange their messages every window of the "
+                             "node-to-node latency (a different model: see "
+                             "simulations/parallel.py); 1: one process, as before")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -163,6 +168,7 @@ def scenario_from(args: argparse.Namespace, nodes: int | None = None) -> Scenari
         failures=args.failures, fail_at=args.fail_at, limits=limits,
         unpack=args.unpack * MiB if args.unpack else None, shared_cores=args.shared_cores,
         seed=args.seed, exact=args.exact, coordinator_cpu=not args.free_coordinators,
+        partitions=args.partitions,
     )
 
 

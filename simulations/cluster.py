@@ -27,15 +27,17 @@ import hashlib
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
 from p2pd.core.membership import Member, coordinator_for
+from p2pd.core.pieces import PieceLayout
 from simulations import hugepages
 from simulations.compiled import in_use
 from simulations.engine import Engine
-from simulations.network import Flow, Host, Network
+from simulations.network import Flow, Host, Network, NetworkStatistics
 from simulations.node import BlobSpec, Limits, SimNode
 
 MiB = 1 << 20
@@ -77,6 +79,10 @@ class Scenario:
     # first come first served; ``simulations.node.COORDINATOR_CPU``); False: they answer
     # at once, however many nodes ask
     coordinator_cpu: bool = True
+    # the nodes split into this many partitions, each a process's share of the work:
+    # a flow is the sender's partition's, and a downlink is shared between the
+    # partitions' flows by what they did in the last window (node to node latency)
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -93,6 +99,14 @@ class Scenario:
             raise ValueError("unpack must be a positive rate")
         if self.shared_cores is not None and (self.unpack is None or self.shared_cores < 1):
             raise ValueError("shared_cores needs unpack and at least one core")
+        if not 1 <= self.partitions <= self.nodes:
+            raise ValueError("partitions must be between 1 and the number of nodes")
+        if self.partitions > 1:
+            if self.latency <= 0:
+                raise ValueError("partitions need a latency: it is their window")
+            if self.arrival == "rolling" or self.shared_cores is not None or self.exact:
+                raise ValueError("partitions do not run rolling updates, shared cores "
+                                 "or exact rates")
 
     def blobs(self) -> list[BlobSpec]:
         """The image's layers: ``layer_sizes``, or equal sizes with the remainder last."""
@@ -227,10 +241,12 @@ class Unpacking:
             on_done()
             return None
         if self.pool is None:
-            cpu = self.network.add_host(f"{name}/cpu", up=self.rate)
+            part = self.network.hosts[name].part
+            cpu = self.network.add_host(f"{name}/cpu", up=self.rate, part=part)
             return self.network.transfer(cpu, cpu, self.size, on_done, tag="unpack",
                                          counted=False)
-        core = self.network.add_host(f"{name}/cpu", up=math.inf, down=self.rate)
+        core = self.network.add_host(f"{name}/cpu", up=math.inf, down=self.rate,
+                                     part=self.network.hosts[name].part)
         return self.network.transfer(self.pool, core, self.size, on_done, tag="unpack",
                                      counted=False)
 
@@ -287,33 +303,111 @@ def pick_victims(scenario: Scenario, names: list[str]) -> list[str]:
     return random.Random(scenario.seed ^ 0xFA11).sample(names, scenario.failures)
 
 
-class Cluster:
-    """The engine, network, registry host and nodes of one p2p run."""
+Message = tuple[float, int, int, str, str, tuple[object, ...]]
+"""A post to another partition: when it is due there, its sequence number at the
+sender, the partition, the node's name (empty: the cluster), the method, its arguments."""
 
-    def __init__(self, scenario: Scenario) -> None:
+
+class Cluster:
+    """The engine, network, registry host and nodes of one p2p run; with
+    ``Scenario.partitions``, partition ``part``'s share of it (see
+    :mod:`simulations.parallel`): every node and host exists, but only the partition's
+    own act, and what they do to another partition's goes there as a message."""
+
+    def __init__(self, scenario: Scenario, part: int = 0) -> None:
         self.scenario = scenario
+        self.part = part
+        self.window = 2 * scenario.latency  # the shortest latency between partitions
+        self.outbox: list[Message] = []
+        self._posted = 0
         self.engine = Engine(scenario.seed)
-        self.network = Network(self.engine, exact=scenario.exact)
+        self.network = Network(self.engine, exact=scenario.exact, parts=scenario.partitions)
+        self.network.part = part
         self.registry = self.network.add_host("registry", up=scenario.registry_up,
                                               latency=scenario.latency)
         self._egress = self.network.watch(self.registry)
         self.registry_latency = scenario.registry_latency
         self.blobs = scenario.blobs()
         self.nodes: dict[str, SimNode] = {}
-        for name in node_names(scenario):
+        for i, name in enumerate(node_names(scenario)):
             host = self.network.add_host(name, up=scenario.up, down=scenario.down,
-                                         latency=scenario.latency)
+                                         latency=scenario.latency,
+                                         part=i * scenario.partitions // scenario.nodes)
             self.nodes[name] = SimNode(self, name, host, self.engine.child_rng())
         self._members = [Member(name, name) for name in self.nodes]
         self._coordinators: dict[str, SimNode] = {}
         self.rollout = Rollout(scenario, self.engine, list(self.nodes), self._start)
         self.victims = pick_victims(scenario, list(self.nodes))
         self.finished = False
-        self._left = scenario.nodes
+        self._left = sum(1 for node in self.nodes.values() if self.local(node))
         self.unpacking = Unpacking(scenario, self.network)
+
+    def local(self, node: SimNode) -> bool:
+        """Whether ``node`` is this partition's (always, unpartitioned)."""
+        return node.host.part == self.part
+
+    def post(self, at: float, part: int, name: str, method: str,
+             args: tuple[object, ...]) -> None:
+        """Have partition ``part`` run ``method(*args)`` of its node ``name`` (of the
+        cluster, if empty) at ``at``, at least a window from now."""
+        if not at >= self.engine.now + self.window * (1 - 1e-9):
+            raise ValueError(f"a message for {at} is due within a window of {self.engine.now}")
+        self._posted += 1
+        self.outbox.append((at, self._posted, part, name, method, args))
+
+    def deliver(self, messages: list[tuple[int, Message]]) -> None:
+        """Schedule the messages from the other partitions (``(sender, message)``), in
+        the order of their time, sender and sequence: the same in every run."""
+        for _, (at, _, _, name, method, args) in sorted(
+                messages, key=lambda m: (m[1][0], m[0], m[1][1])):
+            target: object = self if not name else self.nodes[name]
+            self.engine.schedule_at(at, partial(getattr(target, method), *args))
+
+    def crashed(self, node: SimNode) -> None:
+        """``node`` crashed: the other partitions hear of it a window later."""
+        for part in range(self.scenario.partitions):
+            if part != self.part:
+                self.post(self.engine.now + self.window, part, "", "peer_crashed",
+                          (node.name,))
+
+    def peer_crashed(self, name: str) -> None:
+        """Another partition's node crashed: our flows to it stop."""
+        node = self.nodes[name]
+        node.crashed = True
+        node.lost_flows()
+
+    def upstream(self, name: str, digest: str, size: int, runs: list[list[int]]) -> None:
+        """Another partition's node fetches ``runs`` of pieces of ``digest`` from the
+        registry (its first ``Range`` request has arrived): this partition, the
+        registry's, sends them as ``BlobDownload._upstream_run`` does, piece after
+        piece, each one latency after the last arrived."""
+        self._upstream_piece(self.nodes[name], digest, self.scenario.limits.layout(size),
+                             runs, 0)
+
+    def _upstream_piece(self, node: SimNode, digest: str, layout: PieceLayout,
+                        runs: list[list[int]], at: int) -> None:
+        if node.crashed:
+            return
+        index = runs[0][at]
+        latency = self.network.latency(self.registry, node.host)
+
+        def got() -> None:
+            self.post(self.engine.now + latency, node.host.part, node.name, "upstream_got",
+                      (digest, index))
+            if at + 1 < len(runs[0]):
+                self.engine.schedule(latency, partial(self._upstream_piece, node, digest,
+                                                      layout, runs, at + 1))
+            elif len(runs) > 1:
+                self.engine.schedule(2 * latency + self.registry_latency, partial(
+                    self._upstream_piece, node, digest, layout, runs[1:], 0))
+
+        self.network.transfer(self.registry, node.host, layout.length(index), got,
+                              tag="registry", delay=0.0)
 
     def _start(self, name: str) -> None:
         node = self.nodes[name]
+        if not self.local(node):
+            return
         if node.crashed:  # its batch must not wait for it
             self.engine.schedule(0.0, lambda: self.rollout.done(name))
         else:
@@ -330,7 +424,7 @@ class Cluster:
     def node_done(self, node: SimNode) -> None:
         """Called by each node once it holds every blob (or has crashed)."""
         self._left -= 1
-        if not self._left:
+        if not self._left and self.scenario.partitions == 1:  # else: all partitions'
             self.finished = True
         self.rollout.done(node.name)
 
@@ -339,7 +433,8 @@ class Cluster:
         node.crash()
         if node.done_at is None:
             self.node_done(node)
-        self.engine.schedule(self.scenario.detect, lambda: self._detected(name))
+        if self.scenario.partitions == 1:  # else every partition has it scheduled
+            self.engine.schedule(self.scenario.detect, lambda: self._detected(name))
 
     def _run_reporting(self, until: float | None, progress: Callable[[Progress], None],
                        began: float) -> None:
@@ -386,21 +481,37 @@ class Cluster:
         order are the same either way: nothing runs between slices).
         """
         began = time.perf_counter()
-        self.engine.schedule(0.0, self.rollout.begin)  # first, and inside the engine's run
-        for name in self.victims:
-            self.engine.schedule(self.scenario.fail_at, partial(self._crash, name))
+        self.begin()
         if progress is None:
             self.engine.run(until)
         else:
             self._run_reporting(until, progress, began)
-        live = [n for n in self.nodes.values() if not n.crashed]
-        missing = [n.name for n in live if n.done_at is None]
-        if missing:
-            raise RuntimeError(f"{len(missing)} nodes did not finish, e.g. {missing[0]}")
-        wall = time.perf_counter() - began
-        stats = self.network.statistics()
+        return result_of(self.scenario, [self.tally()], time.perf_counter() - began)
+
+    def begin(self) -> None:
+        """Schedule the rollout and the crashes (this partition's)."""
+        self.engine.schedule(0.0, self.rollout.begin)  # first, and inside the engine's run
+        for name in self.victims:
+            if self.local(self.nodes[name]):
+                self.engine.schedule(self.scenario.fail_at, partial(self._crash, name))
+            if self.scenario.partitions > 1:
+                self.engine.schedule(self.scenario.fail_at + self.scenario.detect,
+                                     partial(self._detected, name))
+
+    @property
+    def left(self) -> int:
+        """This partition's nodes not done yet."""
+        return self._left
+
+    def tally(self) -> Tally:
+        """What this partition's nodes measured, for :func:`result_of`."""
+        live = [n for n in self.nodes.values() if self.local(n) and not n.crashed]
         sched: dict[str, int] = {}
+        leases = 0
         for node in self.nodes.values():
+            if not self.local(node):
+                continue
+            leases += node.coordinator.statistics().leases_granted
             for download in node.downloads.values():
                 s = download.sched.statistics()
                 for key in ("requests_sent", "duplicates", "redundant", "timeouts",
@@ -410,22 +521,59 @@ class Cluster:
                     + download.cancels_ignored
                 sched["coordinator_gone"] = sched.get("coordinator_gone", 0) + download.lost
                 sched["coordinator_slow"] = sched.get("coordinator_slow", 0) + download.slow
-        leases = sum(n.coordinator.statistics().leases_granted for n in self.nodes.values())
-        return Result(
-            mode="p2p", nodes=len(self.nodes), image_bytes=self.scenario.image_bytes,
-            completion=tuple(sorted(n.done_at - n.started_at for n in live
-                                    if n.done_at is not None and n.started_at is not None)),
+        return Tally(
+            missing=[n.name for n in live if n.done_at is None],
+            completion=[n.done_at - n.started_at for n in live
+                        if n.done_at is not None and n.started_at is not None],
             end=max((n.done_at for n in live if n.done_at is not None), default=0.0),
-            failed=len(self.victims), registry_bytes=stats.bytes_by_tag.get("registry", 0),
-            bytes_by_source=stats.bytes_by_tag, bytes_started=stats.bytes_started,
-            bound=kumar_ross_bound(self.scenario), events=self.engine.statistics().events,
-            wall=wall, scheduler=sched, coordinator={"leases_granted": leases},
-            registry_series=tuple(self._egress),
+            network=self.network.statistics(), events=self.engine.statistics().events,
+            scheduler=sched, leases=leases,
+            registry_series=tuple(self._egress) if self.registry.part == self.part else (),
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What one partition's nodes measured (all of them, unpartitioned)."""
+
+    missing: list[str]
+    completion: list[float]
+    end: float
+    network: NetworkStatistics
+    events: int
+    scheduler: dict[str, int]
+    leases: int
+    registry_series: tuple[tuple[float, float], ...]
+
+
+def result_of(scenario: Scenario, tallies: list[Tally], wall: float) -> Result:
+    """The :class:`Result` of a run from its partitions' tallies."""
+    missing = [name for t in tallies for name in t.missing]
+    if missing:
+        raise RuntimeError(f"{len(missing)} nodes did not finish, e.g. {missing[0]}")
+    by_tag: Counter[str] = Counter()
+    sched: Counter[str] = Counter()
+    for t in tallies:
+        by_tag.update(t.network.bytes_by_tag)
+        sched.update(t.scheduler)
+    return Result(
+        mode="p2p", nodes=scenario.nodes, image_bytes=scenario.image_bytes,
+        completion=tuple(sorted(c for t in tallies for c in t.completion)),
+        end=max(t.end for t in tallies), failed=scenario.failures,
+        registry_bytes=by_tag.get("registry", 0), bytes_by_source=dict(sorted(by_tag.items())),
+        bytes_started=sum(t.network.bytes_started for t in tallies),
+        bound=kumar_ross_bound(scenario), events=sum(t.events for t in tallies), wall=wall,
+        scheduler=dict(sched), coordinator={"leases_granted": sum(t.leases for t in tallies)},
+        registry_series=next((t.registry_series for t in tallies if t.registry_series), ()),
+    )
+
+
 def run_p2p(scenario: Scenario, progress: Callable[[Progress], None] | None = None) -> Result:
-    """The nodes pull the image through p2pd's swarm (``progress``: see Cluster.run)."""
+    """The nodes pull the image through p2pd's swarm (``progress``: see Cluster.run),
+    split between processes if the scenario has ``partitions`` (simulations.parallel)."""
+    if scenario.partitions > 1:
+        from simulations.parallel import run_partitioned
+        return run_partitioned(scenario, progress)
     return Cluster(scenario).run(progress=progress)
 
 

@@ -127,21 +127,34 @@ class Engine:
         """A new rng seeded from this engine's: one per component, still reproducible."""
         return random.Random(self.rng.getrandbits(64))
 
-    def run(self, until: float | None = None) -> float:
-        """Run events in time order until none are left, the next is after ``until`` or
-        :meth:`stop` is called; returns the clock (``until`` if it stopped there)."""
+    def run(self, until: float | None = None, *, before: bool = False) -> float:
+        """Run events in time order until none are left, the next is after ``until`` (at
+        or after it, if ``before``) or :meth:`stop` is called; returns the clock
+        (``until`` if it stopped there)."""
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._run(until)
+            return self._run(until, before)
         finally:
             if collecting:
                 gc.enable()
 
-    def _run(self, until: float | None) -> float:
+    def next_time(self) -> float:
+        """No event is due before this time (infinite: none is queued)."""
+        if self._due:
+            return self.now
+        if self._heap:
+            return self._heap[0].time
+        if self._keys:
+            return min(timer.time for timer in self._buckets[self._keys[0]])
+        return math.inf
+
+    def _run(self, until: float | None, before: bool) -> float:
         due, self._stopped = self._due, False
         pop, popleft = heapq.heappop, due.popleft
         limit = math.inf if until is None else until
+        if before:
+            limit = math.nextafter(limit, -math.inf)
         while not self._stopped:
             heap = self._heap
             if not heap and self._keys:
@@ -165,6 +178,11 @@ class Engine:
         if until is not None and not self._stopped:
             self.now = max(self.now, until)
         return self.now
+
+    @property
+    def events(self) -> int:
+        """Events run so far."""
+        return self._events
 
     def stop(self) -> None:
         """Make :meth:`run` return after the current callback (queued events stay)."""

@@ -66,7 +66,7 @@ queued on the same connection (``None``: the connection has nothing more to send
 class Resource:
     """One direction of a host's access link: a capacity and the flows through it."""
 
-    __slots__ = ("avail", "capacity", "flows", "left", "members", "name", "number", "share",
+    __slots__ = ("avail", "capacity", "flows", "full", "left", "members", "name", "number", "share",
                  "total")
 
     def __init__(self, name: str, capacity: float) -> None:
@@ -79,6 +79,7 @@ class Resource:
         # scratch for max_min_rates: its position there (-1 outside), the region's flows
         # through it, what it offers them, how many are not frozen yet, and their share
         self.number = -1
+        self.full = capacity  # the link's capacity (a partition's share: ``capacity``)
         self.members: list[Flow] = []
         self.avail = 0.0
         self.left = 0
@@ -88,26 +89,37 @@ class Resource:
 class Host:
     """A node or the registry: uplink, downlink and the one-way latency of its link."""
 
-    __slots__ = ("down", "latency", "name", "up")
+    __slots__ = ("down", "downs", "latency", "name", "part", "up")
 
-    def __init__(self, name: str, up: float, down: float, latency: float) -> None:
+    def __init__(self, name: str, up: float, down: float, latency: float,
+                 part: int = 0, parts: int = 1) -> None:
         if latency < 0:
             raise ValueError("latency cannot be negative")
         self.name = name
         self.up = Resource(f"{name}/up", up)
         self.down = Resource(f"{name}/down", down)
         self.latency = latency
+        self.part = part
+        # partitioned (parts > 1, finite downlink): the downlink as one share per
+        # partition of senders, sized at the end of every window (Network.reshare)
+        self.downs = [self.down]
+        if parts > 1 and down != _INF:
+            self.downs += [Resource(f"{name}/down@{k}", down) for k in range(1, parts)]
 
 
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("counted", "done", "dst", "finish", "fixed", "more", "on_done", "on_sent",
-                 "rate", "remaining", "since", "size", "src", "tag", "timer")
+    __slots__ = ("counted", "delay", "done", "down", "dst", "finish", "fixed", "more",
+                 "on_done", "on_sent", "rate", "remaining", "since", "size", "src", "tag",
+                 "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
         self.src, self.dst, self.size, self.tag, self.on_done = src, dst, size, tag, on_done
+        # the downlink it uses: the destination's share for the source's partition
+        self.down = dst.downs[src.part] if len(dst.downs) > 1 else dst.down
+        self.delay = 0.0  # from its finish to its ``on_done``
         self.remaining = float(size)
         self.rate = 0.0
         self.since = now  # when ``remaining`` was last brought up to date
@@ -138,9 +150,15 @@ class NetworkStatistics:
 class Network:
     """The hosts of a run and the flows between them, on ``engine``'s clock."""
 
-    def __init__(self, engine: Engine, *, exact: bool = False) -> None:
+    def __init__(self, engine: Engine, *, exact: bool = False, parts: int = 1,
+                 window: float = 1e-3) -> None:
         self.engine = engine
         self.exact = exact
+        self.parts, self.window = parts, window
+        self.part = 0  # partitioned: the partition whose flows these are
+        self._shares: dict[Host, None] = {}  # downlinks our flows changed on
+        self._known: dict[str, list[int]] = {}  # the partitions' last reports, by host
+        self._reported: dict[Host, int] = {}  # ours
         self._watched: dict[Resource, list[tuple[float, float]]] = {}
         self._sent: dict[Resource, float] = {}  # watched: bytes of flows that ended
         self.hosts: dict[str, Host] = {}
@@ -153,11 +171,14 @@ class Network:
         self._recomputes = self._recomputed = 0
 
     def add_host(self, name: str, *, up: float, down: float = math.inf,
-                 latency: float = 0.0) -> Host:
-        """A new host with uplink ``up`` and downlink ``down`` bytes/s."""
+                 latency: float = 0.0, part: int = 0) -> Host:
+        """A new host with uplink ``up`` and downlink ``down`` bytes/s, in partition
+        ``part`` (of ``parts``)."""
         if name in self.hosts:
             raise ValueError(f"host {name} exists")
-        host = self.hosts[name] = Host(name, up, down, latency)
+        if not 0 <= part < self.parts:
+            raise ValueError(f"partition {part} outside 0..{self.parts - 1}")
+        host = self.hosts[name] = Host(name, up, down, latency, part, self.parts)
         return host
 
     def latency(self, src: Host, dst: Host) -> float:
@@ -166,7 +187,8 @@ class Network:
 
     def transfer(self, src: Host, dst: Host, size: int, on_done: Callable[[], None], *,
                  tag: str, on_sent: Callable[[], None] | None = None,
-                 counted: bool = True, more: More | None = None) -> Flow:
+                 counted: bool = True, more: More | None = None,
+                 delay: float | None = None) -> Flow:
         """Start moving ``size`` bytes now; ``on_done`` runs when the last byte has
         arrived (finish time plus the one-way latency), ``on_sent`` when it has left (the
         finish time). ``tag`` labels the bytes; ``counted=False`` leaves them out of the
@@ -177,19 +199,24 @@ class Network:
         goes on with it at the same rate: the links carry the same flows as before, so no
         rate changes (a connection's next frame follows its last without a gap). Each
         transfer counts as a flow of its own in the statistics; ``on_sent`` runs after
-        each."""
+        each.
+
+        ``delay``: from the finish time to ``on_done``, if not the one-way latency (0: in
+        a partitioned run, a flow to another partition's host, whose ``on_done`` posts
+        the arrival there)."""
         if size <= 0:
             raise ValueError("a flow moves at least one byte")
-        if math.isinf(src.up.capacity) and math.isinf(dst.down.capacity):
+        if math.isinf(src.up.capacity) and math.isinf(dst.down.full):
             raise ValueError("a flow needs a finite uplink or downlink")
         flow = Flow(src, dst, size, tag, on_done, self.engine.now)
         flow.finish = partial(self._finish, flow)
         flow.on_sent = on_sent
         flow.more = more
         flow.counted = counted
+        flow.delay = self.latency(src, dst) if delay is None else delay
         self._flows[flow] = None
         src.up.flows[flow] = None
-        dst.down.flows[flow] = None
+        flow.down.flows[flow] = None
         if counted:
             self._started += size
         self._counts[0] += 1
@@ -217,9 +244,60 @@ class Network:
 
     def _touch(self, flow: Flow) -> None:
         self._dirty[flow.src.up] = None
-        self._dirty[flow.dst.down] = None
+        self._dirty[flow.down] = None
         if self._reflow is None:
             self._reflow = self.engine.schedule(0.0, self._recompute)
+        if len(flow.dst.downs) > 1:
+            self._reshare(flow.dst)
+
+    def _reshare(self, host: Host) -> None:
+        """Our flows into ``host`` changed: its downlink is to be shared out again at the
+        end of the window (:meth:`share_reports`)."""
+        self._shares[host] = None
+
+    def share_reports(self) -> dict[str, int]:
+        """How many of this partition's flows go to each host where that changed since
+        the last call (by host name; :func:`size_share` splits downlinks by these
+        counts). Only where it tells the others something: where another partition
+        sends too, or where we begin or cease to send (a partition alone at a downlink
+        has all of it)."""
+        shares, self._shares = self._shares, {}
+        reports: dict[str, int] = {}
+        last, known, part = self._reported, self._known, self.part
+        for host in shares:
+            count = len(host.downs[part].flows)
+            before = last.get(host, 0)
+            if count == before:
+                continue
+            if count and before:
+                others = known.get(host.name)
+                if others is None or not any(n for k, n in enumerate(others) if k != part):
+                    continue  # alone there: ours whatever we do
+            last[host] = count
+            reports[host.name] = count
+        return reports
+
+    def reshare(self, reports: list[dict[str, int]], at: float) -> None:
+        """Size this partition's shares of the downlinks in ``reports`` (every
+        partition's, ours included, in partition order) and recompute the rates at ``at``
+        if one changed. Reports not repeated since stand (nothing changed there)."""
+        known, hosts = self._known, self.hosts
+        for part, part_reports in enumerate(reports):
+            for name, report in part_reports.items():
+                known.setdefault(name, [0] * self.parts)[part] = report
+                if part != self.part and hosts[name].downs[self.part].flows:
+                    self._shares[hosts[name]] = None  # ours there: tell them next time
+        names = dict.fromkeys(name for part_reports in reports for name in part_reports)
+        for name in names:
+            host = self.hosts[name]
+            resource = host.downs[self.part]
+            size = size_share(known[name], self.part, host.down.full)
+            if abs(size - resource.capacity) > _RESIZE * resource.full:
+                resource.capacity = size
+                if resource.flows:
+                    self._dirty[resource] = None
+        if self._dirty and self._reflow is None:
+            self._reflow = self.engine.schedule_at(at, self._recompute)
 
     def _remove(self, flow: Flow) -> None:
         flow.done = True
@@ -233,7 +311,7 @@ class Network:
         flow.timer, flow.finish, flow.on_done, flow.on_sent = None, _nothing, _nothing, None
         flow.more = None
         del self._flows[flow]
-        for resource in (flow.src.up, flow.dst.down):
+        for resource in (flow.src.up, flow.down):
             del resource.flows[flow]
             resource.total = resource.total - flow.rate if resource.flows else 0.0
         self._touch(flow)
@@ -265,7 +343,7 @@ class Network:
             self._follow(flow, *following)
         if on_sent is not None:
             on_sent()
-        delay = self.latency(flow.src, flow.dst)
+        delay = flow.delay
         if delay:
             self.engine.schedule(delay, on_done)
         else:
@@ -308,7 +386,7 @@ class Network:
             flow.since = now
             flow.rate = rate
             flow.src.up.total += rate - old
-            flow.dst.down.total += rate - old
+            flow.down.total += rate - old
             if rate > 0:
                 end = now + max(flow.remaining, 0.0) / rate
                 if timer is not None and timer.time <= end:
@@ -359,7 +437,7 @@ def _fill_rates(region: list[Flow]) -> None:
     for flow in region:
         flow.fixed = -1.0
         _join(flow.src.up, flow, seen)
-        _join(flow.dst.down, flow, seen)
+        _join(flow.down, flow, seen)
     for resource in seen:
         resource.share = max(resource.avail, 0.0) / resource.left
     if len(seen) > SCAN_LIMIT:
@@ -396,7 +474,7 @@ def _freeze(resource: Resource, share: float) -> None:
         if flow.fixed >= 0:
             continue
         flow.fixed = share
-        other = flow.dst.down if flow.src.up is resource else flow.src.up
+        other = flow.down if flow.src.up is resource else flow.src.up
         other.left -= 1
         other.avail -= share
         if other.left and other.avail != _INF:
@@ -425,9 +503,29 @@ def _fill_by_heap(seen: list[Resource]) -> None:
         resource = seen[k]
         if not resource.left or share != resource.share:
             continue  # stale entry: a fresher one was pushed when it changed
-        changed = [flow.dst.down if flow.src.up is resource else flow.src.up
+        changed = [flow.down if flow.src.up is resource else flow.src.up
                    for flow in resource.members if flow.fixed < 0]
         _freeze(resource, share)
         for other in changed:
             if other.left and other.share != _INF:
                 push(heap, (other.share, other.number))
+
+
+_LEAST = 1e-3  # of the link: the smallest share a partition is given
+_RESIZE = 1e-3  # of the link: shares that move less are left as they are
+
+
+def size_share(counts: list[int], part: int, capacity: float) -> float:
+    """Partition ``part``'s share of a downlink of ``capacity``: the partitions' flows
+    through it as last reported (``counts``) each get as much. A partition that has
+    not reported a flow there yet has all of the link, for its first flows, until the
+    next window (the shares may then add up to more than the link for a window).
+
+    The parts follow the flows one window late, as TCP's flows find their share over
+    round trips. A flow held back elsewhere (at its sender's uplink) leaves its part of
+    the share to its partition's other flows there, not to the other partitions'."""
+    mine = counts[part]
+    total = sum(counts)
+    if not mine or total == mine:
+        return capacity
+    return max(capacity * mine / total, capacity * _LEAST)

@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from p2pd.core.coordinator import Coordinator, Lease, PeerList
+from p2pd.core.coordinator import Coordinator, HolderInfo, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.scheduler import CancelRequest, FetchUpstream, RequestPiece, Scheduler
@@ -110,7 +110,7 @@ __all__ = ["BlobDownload", "BlobSpec", "Coordinator", "PieceLayout", "Scheduler"
 
 CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
 MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
-_LOOKUP, _LEASE = "lookup", "lease"
+_LOOKUP, _LEASE, _ANNOUNCE = "lookup", "lease", "announce"
 
 COORDINATOR_CPU = {"lookup": (215e-6, 0.28e-6), "sampled lookup": (49e-6, 0.012e-6),
                    "announce": (32e-6, 0.11e-6), "lease": (32e-6, 0.11e-6)}
@@ -160,6 +160,52 @@ class BlobSpec:
     size: int
 
 
+def encode_answer(answer: object) -> tuple[object, ...]:
+    """A coordinator's answer (a :class:`PeerList`, a :class:`Lease` or none) as plain
+    values, to cross between partitions (``marshal``: fast, and a name repeated in a
+    window's messages is sent once)."""
+    if isinstance(answer, PeerList):
+        holders = answer.holders
+        hashes: object = answer.hashes if any(answer.hashes) else len(answer.hashes)
+        return ("peers", tuple(h.node_id for h in holders), tuple(h.addr for h in holders),
+                tuple(h.bits for h in holders), tuple(h.complete for h in holders),
+                tuple(h.last_seen for h in holders), hashes,
+                tuple(_lease_values(lease) for lease in answer.fetchers), answer.announced,
+                answer.sampled)
+    if isinstance(answer, Lease):
+        return ("lease", *_lease_values(answer))
+    if answer is None:
+        return ("none",)
+    raise TypeError(f"cannot encode {answer!r}")
+
+
+def _lease_values(lease: Lease) -> tuple[str, int, int, float]:
+    return lease.node_id, lease.first_piece, lease.last_piece, lease.expires
+
+
+def decode_answer(values: tuple[object, ...]) -> object:
+    """The answer :func:`encode_answer` made these values of."""
+    kind = values[0]
+    if kind == "lease":
+        node_id, first, last, expires = values[1:]
+        assert isinstance(node_id, str) and isinstance(first, int) and isinstance(last, int)
+        assert isinstance(expires, float)
+        return Lease(node_id, first, last, expires)
+    if kind == "none":
+        return None
+    ids, addrs, bits, complete, seen, hashes, fetchers, announced, sampled = values[1:]
+    assert isinstance(ids, tuple) and isinstance(addrs, tuple) and isinstance(bits, tuple)
+    assert isinstance(complete, tuple) and isinstance(seen, tuple)
+    assert isinstance(fetchers, tuple) and isinstance(announced, int)
+    assert isinstance(sampled, bool)
+    holders = tuple(HolderInfo(*h) for h in zip(ids, addrs, bits, complete, seen, strict=True))
+    if isinstance(hashes, int):
+        hashes = (None,) * hashes
+    assert isinstance(hashes, tuple)
+    leases = tuple(decode_answer(("lease", *lease)) for lease in fetchers)
+    return PeerList(holders, hashes, leases, announced, sampled)  # type: ignore[arg-type]
+
+
 class _Connection:
     """A holder's connection to one asker: the piece on the wire (``sending``: digest,
     index and the holder's ``HAVE`` bits) and those queued behind it, each holding an
@@ -204,6 +250,14 @@ class SimNode:
         self.askers: dict[str, set[str]] = {}
         self.done_at: float | None = None
         self.started_at: float | None = None
+
+    def here(self, other: SimNode) -> bool:
+        """Whether ``other`` runs in this node's partition (always, unpartitioned)."""
+        return other.host.part == self.host.part
+
+    def post(self, at: float, to: SimNode, method: str, *args: object) -> None:
+        """Have ``to`` (another partition's node) run ``method(*args)`` at ``at``."""
+        self.cluster.post(at, to.host.part, to.name, method, args)
 
     def start(self, blobs: list[BlobSpec]) -> None:
         """Begin pulling ``blobs`` now, ``layer_concurrency`` at a time (as containerd)."""
@@ -308,6 +362,80 @@ class SimNode:
 
         engine.schedule_at(at, arrive)
 
+    def remote_call(self, target: SimNode, kind: str, blob: BlobSpec,
+                    payload: tuple[object, ...] = (), patience: float = RPC_TIMEOUT) -> None:
+        """:meth:`call` to another partition's coordinator: a lookup, lease request or
+        announcement (``payload``: its bits and whether complete) as a message."""
+        now = self.engine.now
+        delay = self.network.latency(self.host, target.host)
+        self.post(now + delay, target, "rpc", self.name, kind, blob.digest, blob.size,
+                  payload, now, patience)
+
+    def rpc(self, caller: str, kind: str, digest: str, size: int,
+            payload: tuple[object, ...], sent: float, patience: float) -> None:
+        """A :meth:`remote_call` has arrived: as :meth:`call` does, seen from the target.
+        Its place in the coordinator's queue is taken on arrival (a call from this
+        partition takes it when sent: the same order, but for our node's own calls)."""
+        now = self.engine.now
+        pieces = self.limits.layout(size).count
+        if kind == _ANNOUNCE:
+            cost = self.cpu_cost("announce", pieces)
+        else:
+            askers = self.askers.setdefault(digest, set())
+            askers.add(caller)
+            if kind == _LEASE:
+                cost = self.cpu_cost("lease", pieces)
+            else:
+                sampled = len(askers) > self.coordinator.sample_above
+                cost = self.cpu_cost("sampled lookup" if sampled else "lookup", pieces)
+        at = now
+        if cost:
+            at = self.cpu_free = max(now, self.cpu_free) + cost
+        delay = now - sent
+        late = kind != _ANNOUNCE and at + delay - sent > patience
+        asker = self.cluster.nodes[caller]
+        if late:
+            self.post(sent + patience, asker, "rpc_timeout", kind, digest, False)
+        work = partial(self._serve, asker, kind, digest, size, payload, sent, patience, late)
+        if at > now:
+            self.engine.schedule_at(at, work)
+        else:
+            work()
+
+    def _serve(self, asker: SimNode, kind: str, digest: str, size: int,
+               payload: tuple[object, ...], sent: float, patience: float, late: bool) -> None:
+        now, coordinator = self.engine.now, self.coordinator
+        if self.crashed:
+            if kind != _ANNOUNCE and not late:
+                self.post(sent + patience, asker, "rpc_timeout", kind, digest, True)
+            return
+        if kind == _ANNOUNCE:
+            bits, complete = payload
+            assert isinstance(bits, int) and isinstance(complete, bool)
+            coordinator.announce(digest, size, asker.name, asker.name, bits, complete, {}, now)
+            return
+        result: object
+        if kind == _LEASE:
+            result = coordinator.request_lease(digest, size, asker.name, now)
+        else:
+            result = coordinator.lookup(digest, size, asker.name, now)
+        if not late:
+            delay = self.network.latency(self.host, asker.host)
+            self.post(now + delay, asker, "rpc_answer", kind, digest, encode_answer(result))
+
+    def rpc_answer(self, kind: str, digest: str, answer: tuple[object, ...]) -> None:
+        """The answer to our :meth:`remote_call` has come."""
+        if not self.crashed:
+            download = self.downloads[digest]
+            if kind == _LOOKUP:
+                download._peers(decode_answer(answer))
+            else:
+                download._granted(decode_answer(answer))
+
+    def rpc_timeout(self, kind: str, digest: str, gone: bool) -> None:
+        """Our :meth:`remote_call` went unanswered (``gone``: its target is dead)."""
+        self.downloads[digest]._unreachable(kind, gone)
+
     def cpu_cost(self, kind: str, pieces: int) -> float:
         """The coordinator's CPU for one ``kind`` of message about a blob of ``pieces``
         (0 when the scenario leaves coordinators free)."""
@@ -329,8 +457,7 @@ class SimNode:
         for the refusals answered at once: the same calls as one event per message
         (they would all be due at the same instant, one after the other)."""
         if self.crashed:  # connection refused: the asker finds this daemon gone
-            self._reply(asker, lambda: asker.downloads[digest].gone(self.name),
-                        CONNECT_REFUSED)
+            self._reply(asker, "gone_peer", (digest, self.name), CONNECT_REFUSED)
             return
         refusals: list[tuple[int, bool]] = []
         held, queue, now = self.held.get(digest, 0), self._queue, self.engine.now
@@ -352,14 +479,14 @@ class SimNode:
                 if self._expiry is None:
                     self._expiry = self.engine.schedule(BUSY_AFTER, self._expire)
         if refusals:
-            self._reply(asker, partial(self._refuse, asker, digest, refusals))
+            self._reply(asker, "refusals", (self.name, digest, refusals))
 
     def _refuse_due(self, now: float) -> None:
         """Refuse as busy the waiting requests that have waited ``BUSY_AFTER``."""
         queue = self._queue
         while queue and queue[0][3] <= now:
             asker, digest, index, _ = queue.popleft()
-            self._reply(asker, partial(self._refuse, asker, digest, ((index, True),)))
+            self._reply(asker, "refusals", (self.name, digest, ((index, True),)))
 
     def _expire(self) -> None:
         self._expiry = None
@@ -367,20 +494,42 @@ class SimNode:
         if self._queue:
             self._expiry = self.engine.schedule_at(self._queue[0][3], self._expire)
 
-    def _refuse(self, asker: SimNode, digest: str,
-                refusals: Sequence[tuple[int, bool]]) -> None:
-        if asker.crashed:
+    def requests(self, asker: str, digest: str, indices: Sequence[int]) -> None:
+        """:meth:`on_requests` from another partition's node."""
+        self.on_requests(self.cluster.nodes[asker], digest, indices)
+
+    def refusals(self, holder: str, digest: str,
+                 refusals: Sequence[tuple[int, bool]]) -> None:
+        """``holder`` refused these pieces (busy or not held)."""
+        if self.crashed:
             return
-        download = asker.downloads[digest]
+        download = self.downloads[digest]
         for index, busy in refusals:
-            download.refused(self.name, index, busy)
+            download.refused(holder, index, busy)
 
-    def _reply(self, asker: SimNode, deliver: Callable[[], None], extra: float = 0.0) -> None:
-        def arrive() -> None:
-            if not asker.crashed:
-                deliver()
+    def gone_peer(self, digest: str, holder: str) -> None:
+        """The connection to ``holder`` for ``digest`` failed."""
+        if not self.crashed:
+            self.downloads[digest].gone(holder)
 
-        self.engine.schedule(self.network.latency(self.host, asker.host) + extra, arrive)
+    def piece(self, holder: str, digest: str, index: int, bits: int) -> None:
+        """Piece ``index`` from another partition's ``holder`` has arrived."""
+        if not self.crashed:
+            self.downloads[digest].from_peer(holder, index, bits)
+
+    def upstream_got(self, digest: str, index: int) -> None:
+        """Piece ``index`` from another partition's registry has arrived."""
+        if not self.crashed:
+            self.downloads[digest].upstream_got(index)
+
+    def _reply(self, asker: SimNode, method: str, args: tuple[object, ...],
+               extra: float = 0.0) -> None:
+        """Have ``asker`` run ``method(*args)`` one latency (and ``extra``) from now."""
+        delay = self.network.latency(self.host, asker.host) + extra
+        if self.here(asker):
+            self.engine.schedule(delay, partial(getattr(asker, method), *args))
+        else:
+            self.post(self.engine.now + delay, asker, method, *args)
 
     def _upload(self, asker: SimNode, digest: str, index: int) -> None:
         """Send ``asker`` piece ``index`` (an upload slot is ours): at once if our
@@ -395,12 +544,17 @@ class SimNode:
         length, done = self._piece(asker, piece)
         conn.flow = self.network.transfer(self.host, asker.host, length, done, tag="peer",
                                           on_sent=self._slot_freed,
-                                          more=partial(self._next_piece, conn))
+                                          more=partial(self._next_piece, conn),
+                                          delay=None if self.here(asker) else 0.0)
 
     def _piece(self, asker: SimNode, piece: tuple[str, int, int]
                ) -> tuple[int, Callable[[], None]]:
         """The length of ``piece`` and what its arrival at ``asker`` does."""
         digest, index, bits = piece
+        if not self.here(asker):  # the flow calls it when sent: the arrival is posted
+            delay = self.network.latency(self.host, asker.host)
+            return self.downloads[digest].layout.length(index), partial(
+                self._post_piece, asker, delay, digest, index, bits)
         download = asker.downloads[digest]
 
         def done() -> None:
@@ -408,6 +562,10 @@ class SimNode:
                 download.from_peer(self.name, index, bits)
 
         return download.layout.length(index), done
+
+    def _post_piece(self, asker: SimNode, delay: float, digest: str, index: int,
+                    bits: int) -> None:
+        self.post(self.engine.now + delay, asker, "piece", self.name, digest, index, bits)
 
     def _next_piece(self, conn: _Connection) -> tuple[int, Callable[[], None]] | None:
         """The piece ``conn`` sends next, now that the last one is sent (``None``: the
@@ -417,6 +575,16 @@ class SimNode:
             return None
         conn.sending = conn.queue.popleft()
         return self._piece(conn.asker, conn.sending)
+
+    def lost_flows(self) -> None:
+        """This node crashed: this partition's flows to it stop, and their senders'
+        connections break."""
+        network, nodes = self.network, self.cluster.nodes
+        for flow in list(self.host.downs[network.part].flows):
+            uploader = nodes.get(flow.src.name)
+            network.cancel(flow)
+            if uploader is not None:
+                uploader._broken(self)
 
     def _broken(self, asker: SimNode) -> None:
         """``asker`` died: the pieces on our connection to it give their slots back."""
@@ -447,13 +615,10 @@ class SimNode:
                 network.cancel(conn.flow)
             asker = conn.asker
             for digest in dict.fromkeys([conn.sending[0], *(p[0] for p in conn.queue)]):
-                self._reply(asker, partial(asker.downloads[digest].gone, self.name))
+                self._reply(asker, "gone_peer", (digest, self.name))
         self._conns.clear()
-        for flow in list(self.host.down.flows):
-            uploader = cluster.nodes.get(flow.src.name)
-            network.cancel(flow)
-            if uploader is not None:
-                uploader._broken(self)
+        self.lost_flows()
+        cluster.crashed(self)
         if self._expiry is not None:
             self._expiry.cancel()
         self._queue.clear()
@@ -608,6 +773,10 @@ class BlobDownload:
     def _lookup(self) -> None:
         blob, name = self.blob, self.node.name
         target = self.coordinator
+        if not self.node.here(target):
+            self.lookup_sent = self.engine.now
+            self.node.remote_call(target, _LOOKUP, blob, patience=LOOKUP_TIMEOUT)
+            return
         coordinator = target.coordinator
 
         def query() -> object:
@@ -714,6 +883,10 @@ class BlobDownload:
     def _lease(self) -> None:
         blob, name = self.blob, self.node.name
         target = self.coordinator
+        if not self.node.here(target):
+            self.lease_asked = self.engine.now
+            self.node.remote_call(target, _LEASE, blob)
+            return
         coordinator = target.coordinator
 
         def query() -> object:
@@ -748,6 +921,9 @@ class BlobDownload:
         bits = node.held[blob.digest]
         complete = self.sched.done
         target = self.coordinator
+        if not node.here(target):
+            node.remote_call(target, _ANNOUNCE, blob, (bits, complete))
+            return
         coordinator = target.coordinator
 
         def query() -> object:
@@ -767,6 +943,10 @@ class BlobDownload:
     def _request(self, peer_id: str, indices: list[int]) -> None:
         holder = self.node.cluster.nodes[peer_id]
         delay = self.node.network.latency(self.node.host, holder.host)
+        if not self.node.here(holder):
+            self.node.post(self.engine.now + delay, holder, "requests", self.node.name,
+                           self.blob.digest, indices)
+            return
         self.engine.schedule(delay, partial(holder.on_requests, self.node, self.blob.digest,
                                             indices))
 
@@ -801,8 +981,15 @@ class BlobDownload:
                 runs[-1].append(i)
             else:
                 runs.append([i])
-        if runs:
-            self._upstream_run(runs, 0, first=True)
+        if not runs:
+            return
+        cluster, node = self.node.cluster, self.node
+        if cluster.registry.part != node.host.part:  # the registry's partition sends them
+            delay = node.network.latency(node.host, cluster.registry) + cluster.registry_latency
+            cluster.post(self.engine.now + delay, cluster.registry.part, "", "upstream",
+                         (node.name, self.blob.digest, self.blob.size, runs))
+            return
+        self._upstream_run(runs, 0, first=True)
 
     def _upstream_run(self, runs: list[list[int]], at: int, *, first: bool) -> None:
         """Fetch ``runs[0][at]``, then the rest of that run, then the following runs."""
@@ -811,8 +998,7 @@ class BlobDownload:
 
         def got() -> None:
             del self._upstream_flows[flow]
-            self.sched.upstream_received(index, self.engine.now)
-            self._held(index)
+            self.upstream_got(index)
             if at + 1 < len(runs[0]):
                 self._upstream_run(runs, at + 1, first=False)
             elif len(runs) > 1:
@@ -833,6 +1019,11 @@ class BlobDownload:
             self.engine.schedule(delay, begin)
         else:
             begin()
+
+    def upstream_got(self, index: int) -> None:
+        """Piece ``index`` came from the registry."""
+        self.sched.upstream_received(index, self.engine.now)
+        self._held(index)
 
     def _held(self, index: int) -> None:
         self.last_progress = self.engine.now

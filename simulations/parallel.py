@@ -1,0 +1,264 @@
+"""A run split between processes: each partition's nodes on their own core.
+
+How it works. ``Scenario.partitions`` splits the nodes into P contiguous partitions;
+each is a :class:`~simulations.cluster.Cluster` of its own, with its own engine (every
+node and host exists in each, but only the partition's own act). The registry is
+partition 0's. Whatever one node does to another partition's node travels as a message
+(``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
+answers, crashes. Every message is due at least one *window* after it was sent, the
+shortest latency between two hosts (node to node, node to registry: twice the
+scenario's ``latency``), so the partitions run a window at a time, side by side (a
+conservative parallel simulation): each runs its events due before the window's end,
+then they exchange what they sent, which is due at the end or later. Windows where
+nothing is due are skipped. With ``P2PD_SIM_TIMINGS=1`` each process tells, at the
+end, how its time went (running its events, waiting for the others, taking theirs in).
+
+What changes against an unpartitioned run (the model, not only its speed):
+
+- A flow is its sender's partition's. A host's downlink is split into one share per
+  partition, each partition's flows sharing its share max-min fairly among themselves,
+  and the shares are sized at the end of every window from what each partition's flows
+  did in it (:func:`simulations.network.size_share`): a partition's flows find more or
+  less room one window late, as TCP's flows find their share over round trips.
+- A coordinator queues another partition's calls when they arrive, its own partition's
+  when they are sent (the daemon's queue is in arrival order; unpartitioned, the
+  simulation takes send order: the same but for the coordinator's node's own calls).
+- Crashes reach the other partitions one window later.
+- Same-instant events from different partitions run in a fixed order (time, sender,
+  sequence), so a run is reproducible for a given seed and number of partitions, but
+  not the same as with another number.
+
+Rolling updates, shared unpacking cores and exact rates are not partitioned (they need
+a view of the whole cluster at every instant).
+
+:func:`run_partitioned` runs the partitions in forked processes that exchange their
+messages through pipes, or, with ``processes=False``, one after the other in this
+process (the same windows and messages: the same result, bit for bit; a test checks).
+"""
+
+from __future__ import annotations
+
+import copyreg
+import gc
+import marshal
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import partial
+from multiprocessing.connection import Connection
+
+from simulations.cluster import (
+    PROGRESS_EVERY,
+    Cluster,
+    Message,
+    Progress,
+    Result,
+    Scenario,
+    Tally,
+    result_of,
+)
+from simulations.network import NetworkStatistics
+
+# The tallies cross between processes at the end. Compiled (mypyc), frozen dataclasses
+# cannot be rebuilt by pickle's default (it sets their fields one by one).
+for _kind in (NetworkStatistics, Tally):
+    copyreg.pickle(_kind, partial(lambda kind, obj: (kind, tuple(
+        getattr(obj, f.name) for f in fields(kind))), _kind))
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """What one partition sends the others at the end of a window."""
+
+    messages: list[list[Message]]  # by target partition
+    shares: dict[str, int]  # its flows' count at the downlinks where it changed
+    next_time: float  # its own next event
+    left: int  # its nodes not done yet
+    events: int
+
+
+class _Partition:
+    """One partition's cluster and its side of the window protocol."""
+
+    def __init__(self, scenario: Scenario, part: int) -> None:
+        self.cluster = Cluster(scenario, part)
+        self.parts = scenario.partitions
+        self.cluster.begin()
+
+    def advance(self, until: float) -> Outgoing:
+        """Run the events due before ``until``; what to send the others."""
+        cluster = self.cluster
+        cluster.engine.run(until, before=True)
+        by_part: list[list[Message]] = [[] for _ in range(self.parts)]
+        for message in cluster.outbox:
+            by_part[message[2]].append(message)
+        cluster.outbox = []
+        return Outgoing(by_part, cluster.network.share_reports(), cluster.engine.next_time(),
+                        cluster.left, cluster.engine.events)
+
+    def absorb(self, outgoing: list[Outgoing], until: float) -> None:
+        """Take the window's messages and downlink reports from every partition."""
+        cluster = self.cluster
+        cluster.deliver([(sender, message) for sender, out in enumerate(outgoing)
+                         for message in out.messages[cluster.part]])
+        cluster.network.reshare([out.shares for out in outgoing], until)
+        cluster.finished = sum(out.left for out in outgoing) == 0
+
+
+def _next_window(outgoing: list[Outgoing], until: float, window: float) -> float:
+    """The end of the next window with something due in it (infinite: none)."""
+    soonest = min(min(out.next_time for out in outgoing),
+                  min((m[0] for out in outgoing for part in out.messages for m in part),
+                      default=math.inf))
+    if soonest == math.inf:
+        return math.inf
+    return max(until + window, (math.floor(soonest / window) + 1) * window)
+
+
+def _report(progress: Callable[[Progress], None] | None, outgoing: list[Outgoing],
+            until: float, scenario: Scenario, began: float, told: list[float],
+            final: bool) -> None:
+    if progress is None:
+        return
+    wall = time.perf_counter()
+    if final or wall - told[0] >= PROGRESS_EVERY:
+        told[0] = wall
+        live = scenario.nodes - scenario.failures
+        left = sum(out.left for out in outgoing)
+        progress(Progress(simulated=until, done=live - left, live=live,
+                          events=sum(out.events for out in outgoing), wall=wall - began))
+
+
+def _run_serial(scenario: Scenario, progress: Callable[[Progress], None] | None,
+                began: float) -> list[Tally]:
+    parts = [_Partition(scenario, p) for p in range(scenario.partitions)]
+    window, until, told = parts[0].cluster.window, 0.0, [began]
+    until = window
+    while True:
+        outgoing = [p.advance(until) for p in parts]
+        for p in parts:
+            p.absorb(outgoing, until)
+        following = _next_window(outgoing, until, window)
+        _report(progress, outgoing, until, scenario, began, told, following == math.inf)
+        if following == math.inf:
+            return [p.cluster.tally() for p in parts]
+        until = following
+
+
+def _worker(scenario: Scenario, part: int, links: list[Connection | None],
+            back: Connection, report: bool, others: list[Connection]) -> None:
+    """One partition's process: the window protocol over pipes to the others."""
+    for end in others:  # the other processes' ends: a dead peer is then an EOFError
+        end.close()
+    partition = _Partition(scenario, part)
+    window = partition.cluster.window
+    until, began = window, time.perf_counter()
+    told = began
+    spent = [0.0, 0.0, 0.0]  # running our events, exchanging, taking theirs in
+    sent = 0
+    while True:
+        t0 = time.perf_counter()
+        mine = partition.advance(until)
+        data = marshal.dumps((mine.messages, mine.shares, mine.next_time, mine.left,
+                              mine.events))
+        sent += len(data)
+        t1 = time.perf_counter()
+        outgoing = [mine] * len(links)
+        for other, link in enumerate(links):  # the lower of two sends first: a pipe's
+            if link is None:                    # buffer can hold less than a window
+                continue
+            if other > part:
+                link.send_bytes(data)
+            outgoing[other] = Outgoing(*marshal.loads(link.recv_bytes()))
+            if other < part:
+                link.send_bytes(data)
+        t2 = time.perf_counter()
+        partition.absorb(outgoing, until)
+        t3 = time.perf_counter()
+        spent[0], spent[1], spent[2] = spent[0] + t1 - t0, spent[1] + t2 - t1, \
+            spent[2] + t3 - t2
+        following = _next_window(outgoing, until, window)
+        if following == math.inf and os.environ.get("P2PD_SIM_TIMINGS"):
+            print(f"partition {part}: {spent[0]:.1f} s running its events, {spent[1]:.1f} s "
+                  f"waiting for and reading the others' ({sent / 1e6:.0f} MB sent), "
+                  f"{spent[2]:.1f} s taking them in; {partition.cluster.engine.events} "
+                  f"events", file=sys.stderr, flush=True)
+        if report and time.perf_counter() - told >= PROGRESS_EVERY:
+            told = time.perf_counter()
+            back.send(("progress", until, sum(o.left for o in outgoing),
+                       sum(o.events for o in outgoing)))
+        if following == math.inf:
+            back.send(("done", partition.cluster.tally()))
+            return
+        until = following
+
+
+def _run_processes(scenario: Scenario, progress: Callable[[Progress], None] | None,
+                   began: float) -> list[Tally]:
+    context = multiprocessing.get_context("fork")
+    count = scenario.partitions
+    pipes: dict[tuple[int, int], tuple[Connection, Connection]] = {
+        (a, b): context.Pipe() for a in range(count) for b in range(a + 1, count)}
+
+    def link(me: int, other: int) -> Connection | None:
+        if me == other:
+            return None
+        a, b = min(me, other), max(me, other)
+        return pipes[a, b][0 if me == a else 1]
+
+    backs = [context.Pipe(duplex=False) for _ in range(count)]
+    ends = [end for pair in pipes.values() for end in pair] + [b for _, b in backs]
+    workers = []
+    for p in range(count):
+        links = [link(p, q) for q in range(count)]
+        others = [end for end in ends if end not in links and end is not backs[p][1]]
+        workers.append(context.Process(target=_worker, args=(
+            scenario, p, links, backs[p][1], p == 0 and progress is not None, others),
+            daemon=True))
+    for worker in workers:
+        worker.start()
+    for end in ends:  # ours: a dead worker is then an EOFError here
+        end.close()
+    tallies: list[Tally | None] = [None] * count
+    try:
+        for p, (receive, _) in enumerate(backs):
+            while True:
+                kind, *rest = receive.recv()
+                if kind == "done":
+                    tallies[p] = rest[0]
+                    break
+                assert progress is not None
+                simulated, left, events = rest
+                live = scenario.nodes - scenario.failures
+                progress(Progress(simulated=simulated, done=live - left, live=live,
+                                  events=events, wall=time.perf_counter() - began))
+    except EOFError:
+        raise RuntimeError("a partition's process died") from None
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+    return [t for t in tallies if t is not None]
+
+
+def run_partitioned(scenario: Scenario, progress: Callable[[Progress], None] | None = None,
+                    *, processes: bool = True) -> Result:
+    """Run ``scenario`` split into its ``partitions``: one forked process each, or one
+    after the other in this process (``processes=False``); the same result either way."""
+    if scenario.partitions < 2:
+        raise ValueError("a partitioned run needs at least 2 partitions")
+    began = time.perf_counter()
+    run = _run_processes if processes else _run_serial
+    collecting = gc.isenabled()
+    gc.disable()  # between windows too (the engine turns it off only while it runs)
+    try:
+        tallies = run(scenario, progress, began)
+    finally:
+        if collecting:
+            gc.enable()
+    return result_of(scenario, tallies, time.perf_counter() - began)
