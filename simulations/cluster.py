@@ -317,6 +317,7 @@ class Cluster:
     def __init__(self, scenario: Scenario, part: int = 0) -> None:
         self.scenario = scenario
         self.part = part
+        self.partitioned = scenario.partitions > 1
         self.window = 2 * scenario.latency  # the shortest latency between partitions
         self.outbox: list[Message] = []
         self._posted = 0

@@ -259,6 +259,14 @@ class SimNode:
         """Have ``to`` (another partition's node) run ``method(*args)`` at ``at``."""
         self.cluster.post(at, to.host.part, to.name, method, args)
 
+    def send(self, at: float, to: SimNode, method: str, *args: object) -> None:
+        """Have ``to`` run ``method(*args)`` at ``at``: a message if it is another
+        partition's, else an event."""
+        if self.here(to):
+            self.engine.schedule_at(at, partial(getattr(to, method), *args))
+        else:
+            self.post(at, to, method, *args)
+
     def start(self, blobs: list[BlobSpec]) -> None:
         """Begin pulling ``blobs`` now, ``layer_concurrency`` at a time (as containerd)."""
         self.started_at = self.engine.now
@@ -364,18 +372,20 @@ class SimNode:
 
     def remote_call(self, target: SimNode, kind: str, blob: BlobSpec,
                     payload: tuple[object, ...] = (), patience: float = RPC_TIMEOUT) -> None:
-        """:meth:`call` to another partition's coordinator: a lookup, lease request or
-        announcement (``payload``: its bits and whether complete) as a message."""
+        """:meth:`call` in a partitioned run: a lookup, lease request or announcement
+        (``payload``: its bits and whether complete) as a message to the coordinator
+        (an event, if it is this partition's), queued there when it arrives."""
         now = self.engine.now
         delay = self.network.latency(self.host, target.host)
-        self.post(now + delay, target, "rpc", self.name, kind, blob.digest, blob.size,
+        self.send(now + delay, target, "rpc", self.name, kind, blob.digest, blob.size,
                   payload, now, patience)
 
     def rpc(self, caller: str, kind: str, digest: str, size: int,
             payload: tuple[object, ...], sent: float, patience: float) -> None:
-        """A :meth:`remote_call` has arrived: as :meth:`call` does, seen from the target.
-        Its place in the coordinator's queue is taken on arrival (a call from this
-        partition takes it when sent: the same order, but for our node's own calls)."""
+        """A :meth:`remote_call` has arrived: as :meth:`call` does, seen from the
+        target. Its place in the coordinator's queue is taken on arrival (``call``, in an
+        unpartitioned run, takes it when sent: the same order, but for the coordinator's
+        node's own calls, which arrive at once)."""
         now = self.engine.now
         pieces = self.limits.layout(size).count
         if kind == _ANNOUNCE:
@@ -395,7 +405,7 @@ class SimNode:
         late = kind != _ANNOUNCE and at + delay - sent > patience
         asker = self.cluster.nodes[caller]
         if late:
-            self.post(sent + patience, asker, "rpc_timeout", kind, digest, False)
+            self.send(sent + patience, asker, "rpc_timeout", kind, digest, False)
         work = partial(self._serve, asker, kind, digest, size, payload, sent, patience, late)
         if at > now:
             self.engine.schedule_at(at, work)
@@ -407,7 +417,7 @@ class SimNode:
         now, coordinator = self.engine.now, self.coordinator
         if self.crashed:
             if kind != _ANNOUNCE and not late:
-                self.post(sent + patience, asker, "rpc_timeout", kind, digest, True)
+                self.send(sent + patience, asker, "rpc_timeout", kind, digest, True)
             return
         if kind == _ANNOUNCE:
             bits, complete = payload
@@ -421,7 +431,7 @@ class SimNode:
             result = coordinator.lookup(digest, size, asker.name, now)
         if not late:
             delay = self.network.latency(self.host, asker.host)
-            self.post(now + delay, asker, "rpc_answer", kind, digest, encode_answer(result))
+            self.send(now + delay, asker, "rpc_answer", kind, digest, encode_answer(result))
 
     def rpc_answer(self, kind: str, digest: str, answer: tuple[object, ...]) -> None:
         """The answer to our :meth:`remote_call` has come."""
@@ -773,7 +783,7 @@ class BlobDownload:
     def _lookup(self) -> None:
         blob, name = self.blob, self.node.name
         target = self.coordinator
-        if not self.node.here(target):
+        if self.node.cluster.partitioned:  # every call queued on arrival, in its order
             self.lookup_sent = self.engine.now
             self.node.remote_call(target, _LOOKUP, blob, patience=LOOKUP_TIMEOUT)
             return
@@ -883,7 +893,7 @@ class BlobDownload:
     def _lease(self) -> None:
         blob, name = self.blob, self.node.name
         target = self.coordinator
-        if not self.node.here(target):
+        if self.node.cluster.partitioned:
             self.lease_asked = self.engine.now
             self.node.remote_call(target, _LEASE, blob)
             return
@@ -921,7 +931,7 @@ class BlobDownload:
         bits = node.held[blob.digest]
         complete = self.sched.done
         target = self.coordinator
-        if not node.here(target):
+        if node.cluster.partitioned:
             node.remote_call(target, _ANNOUNCE, blob, (bits, complete))
             return
         coordinator = target.coordinator
