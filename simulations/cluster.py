@@ -303,9 +303,9 @@ def pick_victims(scenario: Scenario, names: list[str]) -> list[str]:
     return random.Random(scenario.seed ^ 0xFA11).sample(names, scenario.failures)
 
 
-Message = tuple[float, int, int, str, str, tuple[object, ...]]
-"""A post to another partition: when it is due there, its sequence number at the
-sender, the partition, the node's name (empty: the cluster), the method, its arguments."""
+Message = tuple[float, str, str, tuple[object, ...]]
+"""A post to another partition: when it is due there, the node's name (empty: the
+cluster), the method, its arguments."""
 
 
 class Cluster:
@@ -319,8 +319,7 @@ class Cluster:
         self.part = part
         self.partitioned = scenario.partitions > 1
         self.window = 2 * scenario.latency  # the shortest latency between partitions
-        self.outbox: list[Message] = []
-        self._posted = 0
+        self.outbox: list[list[Message]] = [[] for _ in range(scenario.partitions)]
         self.engine = Engine(scenario.seed)
         self.network = Network(self.engine, exact=scenario.exact, parts=scenario.partitions)
         self.network.part = part
@@ -353,14 +352,16 @@ class Cluster:
         cluster, if empty) at ``at``, at least a window from now."""
         if not at >= self.engine.now + self.window * (1 - 1e-9):
             raise ValueError(f"a message for {at} is due within a window of {self.engine.now}")
-        self._posted += 1
-        self.outbox.append((at, self._posted, part, name, method, args))
+        self.outbox[part].append((at, name, method, args))
 
-    def deliver(self, messages: list[tuple[int, Message]]) -> None:
-        """Schedule the messages from the other partitions (``(sender, message)``), in
-        the order of their time, sender and sequence: the same in every run."""
-        for _, (at, _, _, name, method, args) in sorted(
-                messages, key=lambda m: (m[1][0], m[0], m[1][1])):
+    def deliver(self, messages: list[list[Message]]) -> None:
+        """Schedule the messages from the other partitions (by sender, each sender's in
+        the order sent), in the order of their time, sender and place: the same in every
+        run."""
+        ordered = sorted((message[0], sender, k, message)
+                         for sender, sent in enumerate(messages)
+                         for k, message in enumerate(sent))
+        for _, _, _, (at, name, method, args) in ordered:
             target: object = self if not name else self.nodes[name]
             self.engine.schedule_at(at, partial(getattr(target, method), *args))
 

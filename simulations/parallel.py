@@ -93,18 +93,14 @@ class _Partition:
         """Run the events due before ``until``; what to send the others."""
         cluster = self.cluster
         cluster.engine.run(until, before=True)
-        by_part: list[list[Message]] = [[] for _ in range(self.parts)]
-        for message in cluster.outbox:
-            by_part[message[2]].append(message)
-        cluster.outbox = []
+        by_part, cluster.outbox = cluster.outbox, [[] for _ in range(self.parts)]
         return Outgoing(by_part, cluster.network.share_reports(), cluster.engine.next_time(),
                         cluster.left, cluster.engine.events)
 
     def absorb(self, outgoing: list[Outgoing], until: float) -> None:
         """Take the window's messages and downlink reports from every partition."""
         cluster = self.cluster
-        cluster.deliver([(sender, message) for sender, out in enumerate(outgoing)
-                         for message in out.messages[cluster.part]])
+        cluster.deliver([out.messages[cluster.part] for out in outgoing])
         cluster.network.reshare([out.shares for out in outgoing], until)
         cluster.finished = sum(out.left for out in outgoing) == 0
 
