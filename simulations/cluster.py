@@ -332,7 +332,7 @@ class Cluster:
         for i, name in enumerate(node_names(scenario)):
             host = self.network.add_host(name, up=scenario.up, down=scenario.down,
                                          latency=scenario.latency,
-                                         part=i * scenario.partitions // scenario.nodes)
+                                         part=i % scenario.partitions)
             self.nodes[name] = SimNode(self, name, host, self.engine.child_rng())
         self._members = [Member(name, name) for name in self.nodes]
         self._coordinators: dict[str, SimNode] = {}
@@ -356,14 +356,13 @@ class Cluster:
 
     def deliver(self, messages: list[list[Message]]) -> None:
         """Schedule the messages from the other partitions (by sender, each sender's in
-        the order sent), in the order of their time, sender and place: the same in every
-        run."""
-        ordered = sorted((message[0], sender, k, message)
-                         for sender, sent in enumerate(messages)
-                         for k, message in enumerate(sent))
-        for _, _, _, (at, name, method, args) in ordered:
-            target: object = self if not name else self.nodes[name]
-            self.engine.schedule_at(at, partial(getattr(target, method), *args))
+        the order sent). They run in the order of their time, then sender, then place
+        (the engine's order: time, then the order scheduled): the same in every run."""
+        schedule_at, nodes = self.engine.schedule_at, self.nodes
+        for sent in messages:  # the engine runs them by (time, the order scheduled)
+            for at, name, method, args in sent:
+                target: object = nodes[name] if name else self
+                schedule_at(at, partial(getattr(target, method), *args))
 
     def crashed(self, node: SimNode) -> None:
         """``node`` crashed: the other partitions hear of it a window later."""

@@ -160,6 +160,11 @@ class BlobSpec:
     size: int
 
 
+def _arrival_order(arrival: tuple[float, int, str, str, str, int, tuple[object, ...],
+                                   float]) -> tuple[float, int]:
+    return arrival[0], arrival[1]
+
+
 def encode_answer(answer: object) -> tuple[object, ...]:
     """A coordinator's answer (a :class:`PeerList`, a :class:`Lease` or none) as plain
     values, to cross between partitions (``marshal``: fast, and a name repeated in a
@@ -226,6 +231,7 @@ class SimNode:
 
     def __init__(self, cluster: Cluster, name: str, host: Host, rng: random.Random) -> None:
         self.cluster, self.name, self.host, self.rng = cluster, name, host, rng
+        self.index = len(cluster.nodes)  # its place in the cluster's order
         self.engine: Engine = cluster.engine
         self.network: Network = cluster.network
         self.limits: Limits = cluster.scenario.limits
@@ -248,6 +254,9 @@ class SimNode:
         # who sent this node's coordinator lookups or lease requests, per blob: as many as
         # it will have seen when it works through the next one (its queue is FIFO)
         self.askers: dict[str, set[str]] = {}
+        # calls arriving at this instant (partitioned runs), queued in a fixed order
+        self._arrivals: list[tuple[float, int, str, str, str, int, tuple[object, ...],
+                                   float]] = []
         self.done_at: float | None = None
         self.started_at: float | None = None
 
@@ -382,10 +391,32 @@ class SimNode:
 
     def rpc(self, caller: str, kind: str, digest: str, size: int,
             payload: tuple[object, ...], sent: float, patience: float) -> None:
-        """A :meth:`remote_call` has arrived: as :meth:`call` does, seen from the
-        target. Its place in the coordinator's queue is taken on arrival (``call``, in an
-        unpartitioned run, takes it when sent: the same order, but for the coordinator's
-        node's own calls, which arrive at once)."""
+        """A :meth:`remote_call` has arrived. The calls arriving at the same instant
+        take their places in the coordinator's queue together, once all are in, ordered
+        by when they were sent and then by the callers' places in the cluster: the
+        order an unpartitioned run sends them in when all nodes start at once. (In the
+        order the events came up, calls from the coordinator's own partition, scheduled
+        when sent, would come before the other's, delivered at the end of a window: at
+        the start, with every node asking at the same instant, that half would be
+        answered first and hold the pieces first.)"""
+        arrivals = self._arrivals
+        if not arrivals:
+            self.engine.schedule(0.0, self._queue_arrivals)
+        arrivals.append((sent, self.cluster.nodes[caller].index, caller, kind, digest, size,
+                         payload, patience))
+
+    def _queue_arrivals(self) -> None:
+        arrivals, self._arrivals = self._arrivals, []
+        if len(arrivals) > 1:
+            arrivals.sort(key=_arrival_order)
+        for sent, _, caller, kind, digest, size, payload, patience in arrivals:
+            self._arrived(caller, kind, digest, size, payload, sent, patience)
+
+    def _arrived(self, caller: str, kind: str, digest: str, size: int,
+                 payload: tuple[object, ...], sent: float, patience: float) -> None:
+        """A call takes its place in the coordinator's queue: as :meth:`call` does, seen
+        from the target (``call``, in an unpartitioned run, takes it when sent: the same
+        order, but for the coordinator's node's own calls, which arrive at once)."""
         now = self.engine.now
         pieces = self.limits.layout(size).count
         if kind == _ANNOUNCE:

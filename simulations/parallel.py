@@ -1,15 +1,18 @@
 """A run split between processes: each partition's nodes on their own core.
 
-How it works. ``Scenario.partitions`` splits the nodes into P contiguous partitions;
-each is a :class:`~simulations.cluster.Cluster` of its own, with its own engine (every
-node and host exists in each, but only the partition's own act). The registry is
+How it works. ``Scenario.partitions`` deals the nodes out to P partitions (node i to
+partition i mod P: the nodes that start first, or ask a coordinator first, are spread
+over all of them, so each has as much to do); each is a
+:class:`~simulations.cluster.Cluster` of its own, with its own engine (every node and
+host exists in each, but only the partition's own act). The registry is
 partition 0's. Whatever one node does to another partition's node travels as a message
 (``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
 answers, crashes. Every message is due at least one *window* after it was sent, the
 shortest latency between two hosts (node to node, node to registry: twice the
 scenario's ``latency``), so the partitions run a window at a time, side by side (a
 conservative parallel simulation): each runs its events due before the window's end,
-then they exchange what they sent, which is due at the end or later. Windows where
+then they exchange what they sent, which is due at the end or later (each sends and
+receives at once, over non-blocking sockets). Windows where
 nothing is due are skipped. With ``P2PD_SIM_TIMINGS=1`` each process tells, at the
 end, how its time went (running its events, waiting for the others, taking theirs in).
 
@@ -20,9 +23,10 @@ What changes against an unpartitioned run (the model, not only its speed):
   and the shares are sized at the end of every window from what each partition's flows
   did in it (:func:`simulations.network.size_share`): a partition's flows find more or
   less room one window late, as TCP's flows find their share over round trips.
-- A coordinator queues another partition's calls when they arrive, its own partition's
-  when they are sent (the daemon's queue is in arrival order; unpartitioned, the
-  simulation takes send order: the same but for the coordinator's node's own calls).
+- A coordinator queues every call when it arrives, as the daemon's does (unpartitioned,
+  the simulation takes send order: the same but for the coordinator's node's own
+  calls); calls arriving at the same instant, by when they were sent, then by the
+  caller's place in the cluster (``SimNode.rpc``), whichever partition they come from.
 - Crashes reach the other partitions one window later.
 - Same-instant events from different partitions run in a fixed order (time, sender,
   sequence), so a run is reproducible for a given seed and number of partitions, but
@@ -44,6 +48,7 @@ import marshal
 import math
 import multiprocessing
 import os
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -150,6 +155,10 @@ def _worker(scenario: Scenario, part: int, links: list[Connection | None],
     """One partition's process: the window protocol over pipes to the others."""
     for end in others:  # the other processes' ends: a dead peer is then an EOFError
         end.close()
+    fds = {other: link.fileno() for other, link in enumerate(links) if link is not None}
+    buffers = {fd: bytearray() for fd in fds.values()}
+    for fd in fds.values():
+        os.set_blocking(fd, False)
     partition = _Partition(scenario, part)
     window = partition.cluster.window
     until, began = window, time.perf_counter()
@@ -163,15 +172,9 @@ def _worker(scenario: Scenario, part: int, links: list[Connection | None],
                               mine.events))
         sent += len(data)
         t1 = time.perf_counter()
-        outgoing = [mine] * len(links)
-        for other, link in enumerate(links):  # the lower of two sends first: a pipe's
-            if link is None:                    # buffer can hold less than a window
-                continue
-            if other > part:
-                link.send_bytes(data)
-            outgoing[other] = Outgoing(*marshal.loads(link.recv_bytes()))
-            if other < part:
-                link.send_bytes(data)
+        received = _exchange(fds, data, buffers)
+        outgoing = [mine if other == part else Outgoing(*marshal.loads(received[other]))
+                    for other in range(len(links))]
         t2 = time.perf_counter()
         partition.absorb(outgoing, until)
         t3 = time.perf_counter()
@@ -191,6 +194,52 @@ def _worker(scenario: Scenario, part: int, links: list[Connection | None],
             back.send(("done", partition.cluster.tally()))
             return
         until = following
+
+
+def _exchange(fds: dict[int, int], data: bytes,
+              buffers: dict[int, bytearray]) -> dict[int, bytes]:
+    """Send ``data`` to every other partition (``fds``: its socket, non-blocking) and
+    receive theirs, both at once: neither waits for the other to have read before it
+    sends (a window's messages can be more than a socket's buffer holds). A frame is
+    its length (8 bytes, little-endian), then the bytes. ``buffers``: what was read
+    from each socket beyond its last frame (the start of the next window's)."""
+    frame = memoryview(len(data).to_bytes(8, "little") + data)
+    unsent = {fd: frame for fd in fds.values()}
+    received: dict[int, bytes] = {}
+    by_fd = {fd: other for other, fd in fds.items()}
+
+    def take(fd: int) -> None:
+        buffer = buffers[fd]
+        if len(buffer) >= 8:
+            end = 8 + int.from_bytes(buffer[:8], "little")
+            if len(buffer) >= end:
+                received[by_fd[fd]] = bytes(buffer[8:end])
+                del buffer[:end]
+
+    for fd in by_fd:
+        take(fd)
+    while unsent or len(received) < len(fds):
+        readable, writable, _ = select.select(
+            [fd for fd in by_fd if by_fd[fd] not in received], list(unsent), [])
+        for fd in writable:
+            try:
+                left = unsent[fd][os.write(fd, unsent[fd]):]
+            except BlockingIOError:
+                continue
+            if left:
+                unsent[fd] = left
+            else:
+                del unsent[fd]
+        for fd in readable:
+            try:
+                chunk = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise EOFError("a partition's process is gone")
+            buffers[fd] += chunk
+            take(fd)
+    return received
 
 
 def _run_processes(scenario: Scenario, progress: Callable[[Progress], None] | None,
