@@ -425,7 +425,7 @@ class Cluster:
     def node_done(self, node: SimNode) -> None:
         """Called by each node once it holds every blob (or has crashed)."""
         self._left -= 1
-        if not self._left and self.scenario.partitions == 1:  # else: all partitions'
+        if not self._left and not self.partitioned:  # else: all partitions'
             self.finished = True
         self.rollout.done(node.name)
 
@@ -434,7 +434,7 @@ class Cluster:
         node.crash()
         if node.done_at is None:
             self.node_done(node)
-        if self.scenario.partitions == 1:  # else every partition has it scheduled
+        if not self.partitioned:  # else every partition has it scheduled
             self.engine.schedule(self.scenario.detect, lambda: self._detected(name))
 
     def _run_reporting(self, until: float | None, progress: Callable[[Progress], None],
@@ -495,7 +495,7 @@ class Cluster:
         for name in self.victims:
             if self.local(self.nodes[name]):
                 self.engine.schedule(self.scenario.fail_at, partial(self._crash, name))
-            if self.scenario.partitions > 1:
+            if self.partitioned:
                 self.engine.schedule(self.scenario.fail_at + self.scenario.detect,
                                      partial(self._detected, name))
 

@@ -150,11 +150,10 @@ class NetworkStatistics:
 class Network:
     """The hosts of a run and the flows between them, on ``engine``'s clock."""
 
-    def __init__(self, engine: Engine, *, exact: bool = False, parts: int = 1,
-                 window: float = 1e-3) -> None:
+    def __init__(self, engine: Engine, *, exact: bool = False, parts: int = 1) -> None:
         self.engine = engine
         self.exact = exact
-        self.parts, self.window = parts, window
+        self.parts = parts
         self.part = 0  # partitioned: the partition whose flows these are
         self._shares: dict[Host, None] = {}  # downlinks our flows changed on
         self._known: dict[str, list[int]] = {}  # the partitions' last reports, by host
@@ -247,13 +246,8 @@ class Network:
         self._dirty[flow.down] = None
         if self._reflow is None:
             self._reflow = self.engine.schedule(0.0, self._recompute)
-        if len(flow.dst.downs) > 1:
-            self._reshare(flow.dst)
-
-    def _reshare(self, host: Host) -> None:
-        """Our flows into ``host`` changed: its downlink is to be shared out again at the
-        end of the window (:meth:`share_reports`)."""
-        self._shares[host] = None
+        if len(flow.dst.downs) > 1:  # its downlink is to be shared out again (share_reports)
+            self._shares[flow.dst] = None
 
     def share_reports(self) -> dict[str, int]:
         """How many of this partition's flows go to each host where that changed since

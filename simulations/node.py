@@ -418,17 +418,7 @@ class SimNode:
         from the target (``call``, in an unpartitioned run, takes it when sent: the same
         order, but for the coordinator's node's own calls, which arrive at once)."""
         now = self.engine.now
-        pieces = self.limits.layout(size).count
-        if kind == _ANNOUNCE:
-            cost = self.cpu_cost("announce", pieces)
-        else:
-            askers = self.askers.setdefault(digest, set())
-            askers.add(caller)
-            if kind == _LEASE:
-                cost = self.cpu_cost("lease", pieces)
-            else:
-                sampled = len(askers) > self.coordinator.sample_above
-                cost = self.cpu_cost("sampled lookup" if sampled else "lookup", pieces)
+        cost = self.call_cost(caller, kind, digest, self.limits.layout(size).count)
         at = now
         if cost:
             at = self.cpu_free = max(now, self.cpu_free) + cost
@@ -476,6 +466,20 @@ class SimNode:
     def rpc_timeout(self, kind: str, digest: str, gone: bool) -> None:
         """Our :meth:`remote_call` went unanswered (``gone``: its target is dead)."""
         self.downloads[digest]._unreachable(kind, gone)
+
+    def call_cost(self, caller: str, kind: str, digest: str, pieces: int) -> float:
+        """The CPU this node's coordinator spends on a ``kind`` of call (lookup, lease or
+        announce) from ``caller`` about a blob of ``pieces``. Lookups and leases count
+        the caller among the blob's askers: a lookup is charged as sampled once more
+        than ``sample_above`` of them have asked."""
+        if kind == _ANNOUNCE:
+            return self.cpu_cost("announce", pieces)
+        askers = self.askers.setdefault(digest, set())
+        askers.add(caller)
+        if kind == _LEASE:
+            return self.cpu_cost("lease", pieces)
+        sampled = len(askers) > self.coordinator.sample_above
+        return self.cpu_cost("sampled lookup" if sampled else "lookup", pieces)
 
     def cpu_cost(self, kind: str, pieces: int) -> float:
         """The coordinator's CPU for one ``kind`` of message about a blob of ``pieces``
@@ -824,11 +828,9 @@ class BlobDownload:
             return coordinator.lookup(blob.digest, blob.size, name, self.engine.now)
 
         self.lookup_sent = self.engine.now
-        askers = target.askers.setdefault(blob.digest, set())
-        askers.add(name)
-        kind = "sampled lookup" if len(askers) > coordinator.sample_above else "lookup"
+        cost = target.call_cost(name, _LOOKUP, blob.digest, self.layout.count)
         self.node.call(target, query, self._peers, timeout=partial(self._unreachable, _LOOKUP),
-                       cost=target.cpu_cost(kind, self.layout.count), patience=LOOKUP_TIMEOUT)
+                       cost=cost, patience=LOOKUP_TIMEOUT)
 
     def _answered(self, kind: str) -> None:
         """The answer to ``kind`` (or its timeout) came: the loop goes on if it waited."""
@@ -934,9 +936,8 @@ class BlobDownload:
             return coordinator.request_lease(blob.digest, blob.size, name, self.engine.now)
 
         self.lease_asked = self.engine.now
-        target.askers.setdefault(blob.digest, set()).add(name)
         self.node.call(target, query, self._granted, timeout=partial(self._unreachable, _LEASE),
-                       cost=target.cpu_cost("lease", self.layout.count))
+                       cost=target.call_cost(name, _LEASE, blob.digest, self.layout.count))
 
     @property
     def leasing(self) -> bool:

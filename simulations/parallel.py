@@ -137,8 +137,8 @@ def _report(progress: Callable[[Progress], None] | None, outgoing: list[Outgoing
 def _run_serial(scenario: Scenario, progress: Callable[[Progress], None] | None,
                 began: float) -> list[Tally]:
     parts = [_Partition(scenario, p) for p in range(scenario.partitions)]
-    window, until, told = parts[0].cluster.window, 0.0, [began]
-    until = window
+    window = parts[0].cluster.window
+    until, told = window, [began]
     while True:
         outgoing = [p.advance(until) for p in parts]
         for p in parts:
@@ -152,7 +152,7 @@ def _run_serial(scenario: Scenario, progress: Callable[[Progress], None] | None,
 
 def _worker(scenario: Scenario, part: int, links: list[Connection | None],
             back: Connection, report: bool, others: list[Connection]) -> None:
-    """One partition's process: the window protocol over pipes to the others."""
+    """One partition's process: the window protocol over sockets to the others."""
     for end in others:  # the other processes' ends: a dead peer is then an EOFError
         end.close()
     fds = {other: link.fileno() for other, link in enumerate(links) if link is not None}
