@@ -35,10 +35,11 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 Callback = Callable[[], None]
 
-BUCKET = 1e-4
+BUCKET: Final = 1e-4
 """Seconds of virtual time per bucket of the calendar queue (see the module docstring)."""
 
 

@@ -50,8 +50,8 @@ from typing import Final
 from simulations.engine import Engine, Timer
 
 _INF: Final = math.inf
-_EPSILON = 1e-9  # relative: rates this close are taken as unchanged
-_LEFTOVER = 1e-9  # relative: a flow with less than this left at its timer is done
+_EPSILON: Final = 1e-9  # relative: rates this close are taken as unchanged
+_LEFTOVER: Final = 1e-9  # relative: a flow with less than this left at its timer is done
 
 
 def _nothing() -> None:
@@ -505,8 +505,8 @@ def _fill_by_heap(seen: list[Resource]) -> None:
                 push(heap, (other.share, other.number))
 
 
-_LEAST = 1e-3  # of the link: the smallest share a partition is given
-_RESIZE = 1e-3  # of the link: shares that move less are left as they are
+_LEAST: Final = 1e-3  # of the link: the smallest share a partition is given
+_RESIZE: Final = 1e-3  # of the link: shares that move less are left as they are
 
 
 def size_share(counts: list[int], part: int, capacity: float) -> float:

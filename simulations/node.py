@@ -73,7 +73,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from p2pd.core.coordinator import Coordinator, HolderInfo, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
@@ -108,9 +108,11 @@ if TYPE_CHECKING:
 
 __all__ = ["BlobDownload", "BlobSpec", "Coordinator", "PieceLayout", "Scheduler", "SimNode"]
 
-CONNECT_REFUSED = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
-MIN_WAIT = 0.01  # the daemon's loop never sleeps less than this
-_LOOKUP, _LEASE, _ANNOUNCE = "lookup", "lease", "announce"
+CONNECT_REFUSED: Final = 0.0  # extra time for a request to a dead daemon to fail (beyond the RTT)
+MIN_WAIT: Final = 0.01  # the daemon's loop never sleeps less than this
+_LOOKUP: Final = "lookup"
+_LEASE: Final = "lease"
+_ANNOUNCE: Final = "announce"
 
 COORDINATOR_CPU = {"lookup": (215e-6, 0.28e-6), "sampled lookup": (49e-6, 0.012e-6),
                    "announce": (32e-6, 0.11e-6), "lease": (32e-6, 0.11e-6)}

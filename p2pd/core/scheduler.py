@@ -60,12 +60,15 @@ import random
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from p2pd.core.peerscore import InFlight, PeerId, PeerScores
 from p2pd.core.pieces import PieceLayout
 
-_PENDING, _FLYING, _HELD = 0, 1, 2
-_WINDOW_MIN_HOLDERS = 2
+_PENDING: Final = 0
+_FLYING: Final = 1
+_HELD: Final = 2
+_WINDOW_MIN_HOLDERS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
