@@ -355,8 +355,7 @@ class Scheduler:
                     self._fill(peer_id, now, False, actions)
         if self.in_endgame:
             self._dup_bits = self._duplicable()
-            for peer_id in [*self._idle, *self._starved]:
-                self._fill(peer_id, now, True, actions)
+            self._fill_endgame(now, actions)
         elif self._pending and self._starved and len(self._asked) < self._max_total:
             for peer_id in list(self._starved):  # room freed: peers the cap held back
                 self._fill(peer_id, now, False, actions)
@@ -590,15 +589,26 @@ class Scheduler:
         """Ask ``peer_id`` for pieces up to its allowance and ``max_in_flight``."""
         if peer_id in self._resting:
             return
-        mask, asked, starved = self._masks[peer_id], self._asked, False
+        starved = self._ask(peer_id, now, endgame, out)
+        self._idle.pop(peer_id, None)
+        self._starved.pop(peer_id, None)
+        if self._asked.free(peer_id):  # to the back: such peers take turns
+            if starved:
+                self._starved[peer_id] = None
+            else:
+                self._idle[peer_id] = None
+                self._idle_bits |= self._masks[peer_id]
+
+    def _ask(self, peer_id: PeerId, now: float, endgame: bool, out: list[Action]) -> bool:
+        """:meth:`_fill`'s requests; whether ``max_in_flight`` held the peer back."""
+        mask, asked = self._masks[peer_id], self._asked
         wanted = self._pending_bits | (self._dup_bits if endgame else 0)
         # a peer holding nothing it could be asked for skips the loop, which would find
         # so piece by piece (unless the cap holds it back: then it waits among the starved)
         tries = asked.free(peer_id) if mask & wanted or len(asked) >= self._max_total else 0
         for _ in range(tries):
             if len(asked) >= self._max_total:
-                starved = True
-                break
+                return True
             index = self._pick(mask)
             if index is None and endgame:
                 index = self._pick_duplicate(peer_id, mask)
@@ -610,14 +620,35 @@ class Scheduler:
                 self._unpend(index)
             self._sent += 1
             out.append(RequestPiece(peer_id, index))
-        self._idle.pop(peer_id, None)
-        self._starved.pop(peer_id, None)
-        if asked.free(peer_id):  # to the back: such peers take turns
-            if starved:
-                self._starved[peer_id] = None
+        return False
+
+    def _fill_endgame(self, now: float, out: list[Action]) -> None:
+        """:meth:`_fill` (endgame) every idle, then every starved peer, in turn.
+
+        The same as calling it for each, but for how the two queues are rebuilt: each
+        peer filled moves to the back of the one it ends in, so they end in the order
+        visited (after the resting, which are not filled). A peer holding nothing that
+        is wanted is asked nothing, while the cap is not reached: then only whether it
+        has allowance left is looked at (endgame turns visit dozens of such peers)."""
+        idle, starved, resting = self._idle, self._starved, self._resting
+        masks, asked, cap = self._masks, self._asked, self._max_total
+        order = [*idle, *starved]
+        self._idle = {p: None for p in idle if p in resting}
+        self._starved = {p: None for p in starved if p in resting}
+        for peer_id in order:
+            if peer_id in resting:
+                continue
+            mask = masks[peer_id]
+            if mask & (self._pending_bits | self._dup_bits) or len(asked) >= cap:
+                held_back = self._ask(peer_id, now, True, out)
             else:
-                self._idle[peer_id] = None
-                self._idle_bits |= self._masks[peer_id]
+                held_back = False
+            if asked.free(peer_id):
+                if held_back:
+                    self._starved[peer_id] = None
+                else:
+                    self._idle[peer_id] = None
+                    self._idle_bits |= mask
 
     def _pick(self, mask: int) -> int | None:
         """The pending piece to ask a peer holding ``mask`` for: rarest, window, rank."""

@@ -293,6 +293,61 @@ def test_endgame_copies_are_capped() -> None:
     assert sched.statistics().duplicates == 2
 
 
+class _FillEveryPeer(Scheduler):
+    """The endgame pass as written first: :meth:`Scheduler._fill` each idle, then each
+    starved peer (what ``_fill_endgame`` must match, queues' order included)."""
+
+    def _fill_endgame(self, now: float, out: list[Action]) -> None:
+        for peer_id in [*self._idle, *self._starved]:
+            self._fill(peer_id, now, True, out)
+
+
+def test_the_endgame_pass_skips_peers_without_changing_a_thing() -> None:
+    crowded = sum(_endgame_against_every_peer_filled(seed) for seed in range(150))
+    assert crowded > 1000  # endgame turns with several idle peers to skip or fill
+
+
+def _endgame_against_every_peer_filled(seed: int) -> int:
+    """Drive both passes alike with ``seed``; the endgame turns with several idle peers."""
+    chaos = random.Random(seed)
+    options = {"max_in_flight_per_peer": chaos.choice([1, 2, 4]),
+               "max_in_flight": chaos.choice([None, 2, 3, 6]), "endgame_threshold": 12,
+               "endgame_copies": chaos.choice([2, 3]), "request_timeout": 3.0}
+    fast = Scheduler(PieceLayout(16, 1), rng=random.Random(seed), **options)  # type: ignore[arg-type]
+    plain = _FillEveryPeer(PieceLayout(16, 1), rng=random.Random(seed), **options)  # type: ignore[arg-type]
+    peers = [f"p{i}" for i in range(10)]
+    now, crowded = 0.0, 0
+    while not fast.done and now < 300:
+        if chaos.random() < 0.3:
+            peer = chaos.choice(peers)
+            holds = [i for i in range(16) if chaos.random() < 0.3]
+            for sched in (fast, plain):
+                sched.peer_update(peer, holds, False, now)
+        crowded += fast.in_endgame and len(fast._idle) > 2
+        actions = fast.next_actions(now)
+        assert plain.next_actions(now) == actions
+        assert list(fast._idle) == list(plain._idle)
+        assert list(fast._starved) == list(plain._starved)
+        for action in actions:
+            if not isinstance(action, RequestPiece):
+                continue
+            roll = chaos.random()
+            for sched in (fast, plain):
+                if roll < 0.25:
+                    sched.busy(action.peer_id, action.index, now)
+                elif roll < 0.35:
+                    sched.refused(action.peer_id, action.index, now)
+                elif roll < 0.5:
+                    pass  # stalls until the timeout (which halves the peer's allowance)
+                else:
+                    sched.piece_received(action.peer_id, action.index, True, now)
+        now += 0.5
+        fast.tick(now)
+        plain.tick(now)
+    assert fast.statistics() == plain.statistics()
+    return crowded
+
+
 @pytest.mark.parametrize(("pieces", "endgame"), [(8, 1), (16, 2), (40, 5), (64, 8), (1000, 8)])
 def test_by_default_the_endgame_is_the_last_eighth_of_a_blob(pieces: int, endgame: int) -> None:
     assert endgame_size(pieces) == endgame and endgame_size(1) == endgame_size(0) == 1
