@@ -21,8 +21,10 @@ What changes against an unpartitioned run (the model, not only its speed):
 - A flow is its sender's partition's. A host's downlink is split into one share per
   partition, each partition's flows sharing its share max-min fairly among themselves,
   and the shares are sized at the end of every window from what each partition's flows
-  did in it (:func:`simulations.network.size_share`): a partition's flows find more or
-  less room one window late, as TCP's flows find their share over round trips.
+  did in it (:func:`simulations.network.size_share`): a partition's flows find less
+  room one window late, as TCP's flows find their share over round trips, and more
+  room at the next change of flows on that downlink or their uplinks
+  (``Network.reshare``).
 - A coordinator queues every call when it arrives, as the daemon's does (unpartitioned,
   the simulation takes send order: the same but for the coordinator's node's own
   calls); calls arriving at the same instant, by when they were sent, then by the

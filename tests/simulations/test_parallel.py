@@ -12,7 +12,8 @@ import simulations.node
 from p2pd.core.coordinator import HolderInfo, Lease, PeerList
 from simulations.cli import main
 from simulations.cluster import Cluster, MiB, Scenario, run_p2p
-from simulations.network import size_share
+from simulations.engine import Engine
+from simulations.network import Network, size_share
 from simulations.node import decode_answer, encode_answer
 from simulations.parallel import _exchange, run_partitioned
 
@@ -152,6 +153,26 @@ def test_a_downlink_is_shared_by_the_flows_last_reported() -> None:
     assert size_share([3, 1], 1, 100.0) == 25.0
     assert size_share([0, 4], 1, 100.0) == 100.0  # alone there
     assert size_share([0, 4], 0, 100.0) == 100.0  # a first flow: all, for a window
+
+
+def test_a_shrunk_share_is_taken_up_at_once_and_a_grown_one_at_the_next_change() -> None:
+    engine = Engine(0)
+    net = Network(engine, parts=2)  # partition 0's view
+    a, b, c = (net.add_host(name, up=100.0, down=100.0, latency=0.0)
+               for name in ("a", "b", "c"))
+    net.add_host("other", up=100.0, down=100.0, latency=0.0, part=1)
+    flow = net.transfer(a, c, 10_000, lambda: None, tag="peer")
+    engine.run(0.5)
+    assert flow.rate == 100.0  # alone at c's downlink
+    net.reshare([{"c": 1}, {"c": 3}], 1.0)  # partition 1 sends c three flows
+    engine.run(1.5)
+    assert flow.rate == 25.0  # shrunk: re-rated at the window's end
+    net.reshare([{}, {"c": 1}], 2.0)  # they are down to one: our share grows to half
+    engine.run(2.5)
+    assert c.downs[0].capacity == 50.0 and flow.rate == 25.0  # nothing changed there yet
+    net.transfer(a, b, 10_000, lambda: None, tag="peer")  # a change at the flow's uplink
+    engine.run(3.0)
+    assert flow.rate == 50.0  # re-rated with the grown share
 
 
 def test_coordinator_answers_cross_as_plain_values() -> None:
