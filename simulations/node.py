@@ -205,7 +205,8 @@ def decode_answer(values: tuple[object, ...]) -> object:
     assert isinstance(complete, tuple) and isinstance(seen, tuple)
     assert isinstance(fetchers, tuple) and isinstance(announced, int)
     assert isinstance(sampled, bool)
-    holders = tuple(HolderInfo(*h) for h in zip(ids, addrs, bits, complete, seen, strict=True))
+    holders = tuple(HolderInfo(i, a, b, c, t)  # not (*h): compiled, a direct call
+                    for i, a, b, c, t in zip(ids, addrs, bits, complete, seen, strict=True))
     if isinstance(hashes, int):
         hashes = (None,) * hashes
     assert isinstance(hashes, tuple)
