@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import heapq
 import random
-from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -172,14 +171,16 @@ class Scheduler:
         self._window, self._retry = sequential_window, upstream_retry_delay
         self._scores = PeerScores(ban_after=ban_after) if scores is None else scores
         self._seen_bans = self._scores.version
-        # compact arrays: the simulation holds 10,000 of these at once
-        self._order = array("i", range(n))
+        # lists, not arrays: the compiled simulation reads a list's item directly and an
+        # array's through Python's generic item protocol (these are read on every piece
+        # a peer is known to gain); their small ints are shared objects
+        self._order = list(range(n))
         rng.shuffle(self._order)  # rank -> piece: this node's tie-break order
-        self._rank = array("i", bytes(4 * n))
+        self._rank = [0] * n
         for rank, index in enumerate(self._order):
             self._rank[index] = rank
-        self._state = bytearray(n)
-        self._partial = array("i", bytes(4 * n))  # usable peers holding it, seeds not counted
+        self._state = [_PENDING] * n
+        self._partial = [0] * n  # usable peers holding it, seeds not counted
         self._seeds = 0  # usable peers holding every piece
         self._buckets = [self._full]  # pending pieces (rank bits) by partial count
         self._pending_bits = self._full  # pending pieces (rank bits): the buckets' union
