@@ -590,11 +590,16 @@ class Scheduler:
         """Ask ``peer_id`` for pieces up to its allowance and ``max_in_flight``."""
         if peer_id in self._resting:
             return
-        starved = self._ask(peer_id, now, endgame, out)
+        held_back = self._ask(peer_id, now, endgame, out)
         self._idle.pop(peer_id, None)
         self._starved.pop(peer_id, None)
-        if self._asked.free(peer_id):  # to the back: such peers take turns
-            if starved:
+        self._requeue(peer_id, held_back)
+
+    def _requeue(self, peer_id: PeerId, held_back: bool) -> None:
+        """Put ``peer_id``, if it has allowance left, at the back of the starved queue
+        (``held_back`` by ``max_in_flight``) or the idle one: such peers take turns."""
+        if self._asked.free(peer_id):
+            if held_back:
                 self._starved[peer_id] = None
             else:
                 self._idle[peer_id] = None
@@ -628,28 +633,16 @@ class Scheduler:
 
         The same as calling it for each, but for how the two queues are rebuilt: each
         peer filled moves to the back of the one it ends in, so they end in the order
-        visited (after the resting, which are not filled). A peer holding nothing that
-        is wanted is asked nothing, while the cap is not reached: then only whether it
-        has allowance left is looked at (endgame turns visit dozens of such peers)."""
+        visited (after the resting, which are not filled). Endgame turns visit dozens of
+        peers that hold nothing wanted, and taking each out of its queue and putting it
+        back cost more than asking it."""
         idle, starved, resting = self._idle, self._starved, self._resting
-        masks, asked, cap = self._masks, self._asked, self._max_total
         order = [*idle, *starved]
         self._idle = {p: None for p in idle if p in resting}
         self._starved = {p: None for p in starved if p in resting}
         for peer_id in order:
-            if peer_id in resting:
-                continue
-            mask = masks[peer_id]
-            if mask & (self._pending_bits | self._dup_bits) or len(asked) >= cap:
-                held_back = self._ask(peer_id, now, True, out)
-            else:
-                held_back = False
-            if asked.free(peer_id):
-                if held_back:
-                    self._starved[peer_id] = None
-                else:
-                    self._idle[peer_id] = None
-                    self._idle_bits |= mask
+            if peer_id not in resting:
+                self._requeue(peer_id, self._ask(peer_id, now, True, out))
 
     def _pick(self, mask: int) -> int | None:
         """The pending piece to ask a peer holding ``mask`` for: rarest, window, rank."""
