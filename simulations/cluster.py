@@ -320,6 +320,7 @@ class Cluster:
         self.partitioned = scenario.partitions > 1
         self.window = 2 * scenario.latency  # the shortest latency between partitions
         self.outbox: list[list[Message]] = [[] for _ in range(scenario.partitions)]
+        self.soonest_post = math.inf  # the earliest ``at`` in the outbox
         self.engine = Engine(scenario.seed)
         self.network = Network(self.engine, exact=scenario.exact, parts=scenario.partitions)
         self.network.part = part
@@ -353,6 +354,8 @@ class Cluster:
         if not at >= self.engine.now + self.window * (1 - 1e-9):
             raise ValueError(f"a message for {at} is due within a window of {self.engine.now}")
         self.outbox[part].append((at, name, method, args))
+        if at < self.soonest_post:
+            self.soonest_post = at
 
     def deliver(self, messages: list[list[Message]]) -> None:
         """Schedule the messages from the other partitions (by sender, each sender's in

@@ -163,6 +163,7 @@ class Network:
         self.hosts: dict[str, Host] = {}
         self._flows: dict[Flow, None] = {}
         self._dirty: dict[Resource, None] = {}
+        self._shrunk: dict[Resource, None] = {}  # shares now below their flows' rates
         self._reflow: Timer | None = None
         self._bytes: Counter[str] = Counter()
         self._started = self._wasted = 0
@@ -273,8 +274,9 @@ class Network:
 
     def reshare(self, reports: list[dict[str, int]], at: float) -> None:
         """Size this partition's shares of the downlinks in ``reports`` (every
-        partition's, ours included, in partition order) and recompute the rates at ``at``
-        where one shrank. Reports not repeated since stand (nothing changed there).
+        partition's, ours included, in partition order); at ``at``, slow down our flows
+        through a share that shrank below what they carry. Reports not repeated since
+        stand (nothing changed there).
 
         A share that grew is taken up at the next change of flows on that downlink or
         on its flows' uplinks (the local model's rule for capacity freed elsewhere; in a
@@ -282,7 +284,9 @@ class Network:
         another's shrinks, and re-rating both at every window's end took 43 % of the
         time spent on rates (1,000 nodes: 768 k flows re-rated at windows' ends, against
         374 k for the shrunk ones alone). A shrunk share is taken up at once, so the
-        partitions' flows never carry more than the link."""
+        partitions' flows never carry more than the link: its flows get max-min fair
+        rates within it, none above the rate it had (:func:`_squeeze`; what that frees
+        at their uplinks waits for the next change there, by the same rule)."""
         known, hosts, me, shares = self._known, self.hosts, self.part, self._shares
         changed: dict[Host, None] = {}
         for part, part_reports in enumerate(reports):
@@ -298,11 +302,10 @@ class Network:
             resource = host.downs[me]
             size = size_share(known[host.name], me, host.down.full)
             if abs(size - resource.capacity) > _RESIZE * resource.full:
-                shrunk = size < resource.capacity
                 resource.capacity = size
-                if resource.flows and shrunk:
-                    self._dirty[resource] = None
-        if self._dirty and self._reflow is None:
+                if resource.total > size * (1 + _EPSILON):
+                    self._shrunk[resource] = None
+        if (self._dirty or self._shrunk) and self._reflow is None:
             self._reflow = self.engine.schedule_at(at, self._recompute)
 
     def _remove(self, flow: Flow) -> None:
@@ -370,6 +373,11 @@ class Network:
     def _recompute(self) -> None:
         self._reflow = None
         dirty, self._dirty = self._dirty, {}
+        if self._shrunk:
+            shrunk, self._shrunk = self._shrunk, {}
+            for resource in shrunk:
+                if resource not in dirty:  # else re-rated below, with the rest
+                    self._squeeze(resource)
         if self.exact:
             region = list(self._flows)
         else:
@@ -404,6 +412,20 @@ class Network:
                 timer.cancel()
                 flow.timer = None
         self._log_watched(dirty)
+
+    def _squeeze(self, resource: Resource) -> None:
+        """Bring the rates of ``resource``'s flows within its capacity (:func:`_squeeze`),
+        each finish timer standing (a slower flow re-arms when it comes up)."""
+        now, slowed = self.engine.now, _squeeze(resource)
+        for flow, rate in slowed:
+            old = flow.rate
+            flow.remaining -= old * (now - flow.since)
+            flow.since = now
+            flow.rate = rate
+            flow.src.up.total += rate - old
+            resource.total += rate - old
+        if slowed and self._watched:
+            self._log_watched({flow.src.up: None for flow, _ in slowed})
 
     def _log_watched(self, dirty: dict[Resource, None]) -> None:
         now = self.engine.now
@@ -515,6 +537,24 @@ def _fill_by_heap(seen: list[Resource]) -> None:
         for other in changed:
             if other.left and other.share != _INF:
                 push(heap, (other.share, other.number))
+
+
+def _squeeze(resource: Resource) -> list[tuple[Flow, float]]:
+    """New rates for the flows through ``resource`` whose rates add up to more than its
+    capacity: max-min fair within it, none above its current rate (the flows that
+    must slow down, with their rates; the others keep theirs)."""
+    flows = sorted(resource.flows, key=_rate)  # ties: insertion order (a stable sort)
+    left, count = resource.capacity, len(flows)
+    for k, flow in enumerate(flows):
+        share = left / (count - k)
+        if flow.rate > share:
+            return [(slowed, share) for slowed in flows[k:]]
+        left -= flow.rate
+    return []
+
+
+def _rate(flow: Flow) -> float:
+    return flow.rate
 
 
 _LEAST: Final = 1e-3  # of the link: the smallest share a partition is given

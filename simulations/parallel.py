@@ -83,7 +83,7 @@ class Outgoing:
 
     messages: list[list[Message]]  # by target partition
     shares: dict[str, int]  # its flows' count at the downlinks where it changed
-    next_time: float  # its own next event
+    next_time: float  # its own next event or message, whichever is due first
     left: int  # its nodes not done yet
     events: int
 
@@ -101,8 +101,10 @@ class _Partition:
         cluster = self.cluster
         cluster.engine.run(until, before=True)
         by_part, cluster.outbox = cluster.outbox, [[] for _ in range(self.parts)]
-        return Outgoing(by_part, cluster.network.share_reports(), cluster.engine.next_time(),
-                        cluster.left, cluster.engine.events)
+        soonest, cluster.soonest_post = cluster.soonest_post, math.inf
+        return Outgoing(by_part, cluster.network.share_reports(),
+                        min(cluster.engine.next_time(), soonest), cluster.left,
+                        cluster.engine.events)
 
     def absorb(self, outgoing: list[Outgoing], until: float) -> None:
         """Take the window's messages and downlink reports from every partition."""
@@ -114,9 +116,7 @@ class _Partition:
 
 def _next_window(outgoing: list[Outgoing], until: float, window: float) -> float:
     """The end of the next window with something due in it (infinite: none)."""
-    soonest = min(min(out.next_time for out in outgoing),
-                  min((m[0] for out in outgoing for part in out.messages for m in part),
-                      default=math.inf))
+    soonest = min(out.next_time for out in outgoing)
     if soonest == math.inf:
         return math.inf
     return max(until + window, (math.floor(soonest / window) + 1) * window)

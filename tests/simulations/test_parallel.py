@@ -175,6 +175,39 @@ def test_a_shrunk_share_is_taken_up_at_once_and_a_grown_one_at_the_next_change()
     assert flow.rate == 50.0  # re-rated with the grown share
 
 
+def test_a_shrunk_share_slows_its_fastest_flows_first_and_never_speeds_one_up() -> None:
+    engine = Engine(0)
+    net = Network(engine, parts=2)  # partition 0's view
+    hosts = [net.add_host(name, up=100.0, down=100.0, latency=0.0) for name in "abcdefg"]
+    a, b, d = hosts[0], hosts[1], hosts[3]
+    net.add_host("other", up=100.0, down=100.0, latency=0.0, part=1)
+    slow = net.transfer(a, d, 10_000, lambda: None, tag="peer")  # a's uplink: 5 flows
+    for host in hosts[2:]:
+        if host is not d:
+            net.transfer(a, host, 10_000, lambda: None, tag="peer")
+    fast = net.transfer(b, d, 10_000, lambda: None, tag="peer")
+    engine.run(0.5)
+    assert (slow.rate, fast.rate) == (pytest.approx(20.0), pytest.approx(80.0))
+    net.reshare([{"d": 2}, {"d": 2}], 1.0)  # half of d's downlink: 50 for 100 carried
+    engine.run(1.5)
+    # max-min within the share, none above its rate: the slow flow keeps its 20 and the
+    # fast one gets the rest (what b's uplink frees is not handed out until a change)
+    assert slow.rate == pytest.approx(20.0) and fast.rate == pytest.approx(30.0)
+    assert d.downs[0].total == pytest.approx(50.0) and b.up.total == pytest.approx(30.0)
+    net.reshare([{}, {"d": 6}], 2.0)  # a quarter now, 25: both at 12.5
+    engine.run(2.5)
+    assert slow.rate == pytest.approx(12.5) and fast.rate == pytest.approx(12.5)
+    assert a.up.total == pytest.approx(80 + 12.5)
+    net.reshare([{}, {"d": 2}], 3.0)  # grown back to a half: nothing moves until a change
+    engine.run(3.5)
+    assert slow.rate == pytest.approx(12.5) and fast.rate == pytest.approx(12.5)
+    net.reshare([{}, {"d": 3}], 4.0)  # shrunk to 40, still above the 25 carried: as is
+    engine.run(4.5)
+    assert slow.rate == pytest.approx(12.5) and fast.rate == pytest.approx(12.5)
+    left = fast.remaining - fast.rate * (engine.now - fast.since)
+    assert left == pytest.approx(10_000 - 80 * 1.0 - 30 * 1.0 - 12.5 * 2.5)
+
+
 def test_coordinator_answers_cross_as_plain_values() -> None:
     peers = PeerList(holders=(HolderInfo("node-1", "node-1", 5, False, 1.5),
                               HolderInfo("node-2", "node-2", 7, True, 2.0)),
