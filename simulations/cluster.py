@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import cast
 
 from p2pd.core.membership import Member, coordinator_for
 from p2pd.core.pieces import PieceLayout
@@ -303,9 +304,23 @@ def pick_victims(scenario: Scenario, names: list[str]) -> list[str]:
     return random.Random(scenario.seed ^ 0xFA11).sample(names, scenario.failures)
 
 
-Message = tuple[float, str, str, tuple[object, ...]]
-"""A post to another partition: when it is due there, the node's name (empty: the
-cluster), the method, its arguments."""
+Posts = list[object]
+"""One window's posts to another partition, flat (no tuple per message: fewer objects
+for ``marshal`` to write and read): for each, when it is due there, the node's name
+(empty: the cluster), the method, how many arguments, then the arguments."""
+
+
+class Post:
+    """A message from another partition for its node: the engine's callback when due
+    (its arguments: ``count`` of ``box`` from ``at``, read in place)."""
+
+    __slots__ = ("at", "box", "count", "method", "node")
+
+    def __init__(self, node: SimNode, method: str, box: Posts, at: int, count: int) -> None:
+        self.node, self.method, self.box, self.at, self.count = node, method, box, at, count
+
+    def __call__(self) -> None:
+        self.node.receive(self.method, self.box, self.at, self.count)
 
 
 class Cluster:
@@ -319,7 +334,7 @@ class Cluster:
         self.part = part
         self.partitioned = scenario.partitions > 1
         self.window = 2 * scenario.latency  # the shortest latency between partitions
-        self.outbox: list[list[Message]] = [[] for _ in range(scenario.partitions)]
+        self.outbox: list[Posts] = [[] for _ in range(scenario.partitions)]
         self.soonest_post = math.inf  # the earliest ``at`` in the outbox
         self.engine = Engine(scenario.seed)
         self.network = Network(self.engine, exact=scenario.exact, parts=scenario.partitions)
@@ -353,19 +368,30 @@ class Cluster:
         cluster, if empty) at ``at``, at least a window from now."""
         if not at >= self.engine.now + self.window * (1 - 1e-9):
             raise ValueError(f"a message for {at} is due within a window of {self.engine.now}")
-        self.outbox[part].append((at, name, method, args))
+        box = self.outbox[part]
+        box.append(at)
+        box.append(name)
+        box.append(method)
+        box.append(len(args))
+        box.extend(args)
         if at < self.soonest_post:
             self.soonest_post = at
 
-    def deliver(self, messages: list[list[Message]]) -> None:
+    def deliver(self, messages: list[Posts]) -> None:
         """Schedule the messages from the other partitions (by sender, each sender's in
         the order sent). They run in the order of their time, then sender, then place
         (the engine's order: time, then the order scheduled): the same in every run."""
         schedule_at, nodes = self.engine.schedule_at, self.nodes
-        for sent in messages:  # the engine runs them by (time, the order scheduled)
-            for at, name, method, args in sent:
-                target: object = nodes[name] if name else self
-                schedule_at(at, partial(getattr(target, method), *args))
+        for box in messages:  # the engine runs them by (time, the order scheduled)
+            i, end = 0, len(box)
+            while i < end:
+                at, name = cast(float, box[i]), cast(str, box[i + 1])
+                method, count = cast(str, box[i + 2]), cast(int, box[i + 3])
+                if name:
+                    schedule_at(at, Post(nodes[name], method, box, i + 4, count))
+                else:
+                    schedule_at(at, partial(getattr(self, method), *box[i + 4:i + 4 + count]))
+                i += 4 + count
 
     def crashed(self, node: SimNode) -> None:
         """``node`` crashed: the other partitions hear of it a window later."""

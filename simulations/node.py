@@ -73,7 +73,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from p2pd.core.coordinator import Coordinator, HolderInfo, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
@@ -541,6 +541,22 @@ class SimNode:
         self._refuse_due(self.engine.now)
         if self._queue:
             self._expiry = self.engine.schedule_at(self._queue[0][3], self._expire)
+
+    def receive(self, method: str, args: list[object], at: int, count: int) -> None:
+        """Run ``method`` with ``count`` arguments from ``args[at]`` on: a message from
+        another partition's node (the common ones called directly, their arguments read
+        in place: no bound method, ``partial`` or tuple made per message)."""
+        if method == "requests":
+            self.requests(cast(str, args[at]), cast(str, args[at + 1]),
+                          cast("Sequence[int]", args[at + 2]))
+        elif method == "piece":
+            self.piece(cast(str, args[at]), cast(str, args[at + 1]), cast(int, args[at + 2]),
+                       cast(int, args[at + 3]))
+        elif method == "refusals":
+            self.refusals(cast(str, args[at]), cast(str, args[at + 1]),
+                          cast("Sequence[tuple[int, bool]]", args[at + 2]))
+        else:
+            getattr(self, method)(*args[at:at + count])
 
     def requests(self, asker: str, digest: str, indices: Sequence[int]) -> None:
         """:meth:`on_requests` from another partition's node."""

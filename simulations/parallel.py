@@ -61,7 +61,7 @@ from multiprocessing.connection import Connection
 from simulations.cluster import (
     PROGRESS_EVERY,
     Cluster,
-    Message,
+    Posts,
     Progress,
     Result,
     Scenario,
@@ -81,7 +81,7 @@ for _kind in (NetworkStatistics, Tally):
 class Outgoing:
     """What one partition sends the others at the end of a window."""
 
-    messages: list[list[Message]]  # by target partition
+    messages: list[Posts]  # by target partition
     shares: dict[str, int]  # its flows' count at the downlinks where it changed
     next_time: float  # its own next event or message, whichever is due first
     left: int  # its nodes not done yet
