@@ -387,7 +387,13 @@ class Cluster:
             while i < end:
                 at, name = cast(float, box[i]), cast(str, box[i + 1])
                 method, count = cast(str, box[i + 2]), cast(int, box[i + 3])
-                if name:
+                if method == "rpc":  # queued at the coordinator now (SimNode.rpc)
+                    nodes[name].rpc(
+                        at, cast(str, box[i + 4]), cast(str, box[i + 5]),
+                        cast(str, box[i + 6]), cast(int, box[i + 7]),
+                        cast("tuple[object, ...]", box[i + 8]), cast(float, box[i + 9]),
+                        cast(float, box[i + 10]))
+                elif name:
                     schedule_at(at, Post(nodes[name], method, box, i + 4, count))
                 else:
                     schedule_at(at, partial(getattr(self, method), *box[i + 4:i + 4 + count]))

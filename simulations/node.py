@@ -257,9 +257,10 @@ class SimNode:
         # who sent this node's coordinator lookups or lease requests, per blob: as many as
         # it will have seen when it works through the next one (its queue is FIFO)
         self.askers: dict[str, set[str]] = {}
-        # calls arriving at this instant (partitioned runs), queued in a fixed order
-        self._arrivals: list[tuple[float, int, str, str, str, int, tuple[object, ...],
-                                   float]] = []
+        # calls on their way (partitioned runs), by when they arrive: each instant's
+        # take their places in the queue together, in a fixed order
+        self._arrivals: dict[float, list[tuple[float, int, str, str, str, int,
+                                               tuple[object, ...], float]]] = {}
         self.done_at: float | None = None
         self.started_at: float | None = None
 
@@ -388,28 +389,34 @@ class SimNode:
         (``payload``: its bits and whether complete) as a message to the coordinator
         (an event, if it is this partition's), queued there when it arrives."""
         now = self.engine.now
-        delay = self.network.latency(self.host, target.host)
-        self.send(now + delay, target, "rpc", self.name, kind, blob.digest, blob.size,
-                  payload, now, patience)
+        at = now + self.network.latency(self.host, target.host)
+        if self.here(target):
+            target.rpc(at, self.name, kind, blob.digest, blob.size, payload, now, patience)
+        else:  # delivered as a call of rpc at the window's end (Cluster.deliver)
+            self.post(at, target, "rpc", self.name, kind, blob.digest, blob.size, payload,
+                      now, patience)
 
-    def rpc(self, caller: str, kind: str, digest: str, size: int,
+    def rpc(self, at: float, caller: str, kind: str, digest: str, size: int,
             payload: tuple[object, ...], sent: float, patience: float) -> None:
-        """A :meth:`remote_call` has arrived. The calls arriving at the same instant
-        take their places in the coordinator's queue together, once all are in, ordered
-        by when they were sent and then by the callers' places in the cluster: the
-        order an unpartitioned run sends them in when all nodes start at once. (In the
-        order the events came up, calls from the coordinator's own partition, scheduled
-        when sent, would come before the other's, delivered at the end of a window: at
-        the start, with every node asking at the same instant, that half would be
-        answered first and hold the pieces first.)"""
-        arrivals = self._arrivals
-        if not arrivals:
-            self.engine.schedule(0.0, self._queue_arrivals)
+        """A :meth:`remote_call` arrives at ``at`` (told when sent, or when delivered
+        from another partition: before ``at`` either way, so one event takes an
+        instant's calls in). The calls arriving at the same instant take their places
+        in the coordinator's queue together, ordered by when they were sent and then by
+        the callers' places in the cluster: the order an unpartitioned run sends them
+        in when all nodes start at once. (In the order the events came up, calls from
+        the coordinator's own partition, scheduled when sent, would come before the
+        other's, delivered at the end of a window: at the start, with every node asking
+        at the same instant, that half would be answered first and hold the pieces
+        first.)"""
+        arrivals = self._arrivals.get(at)
+        if arrivals is None:
+            arrivals = self._arrivals[at] = []
+            self.engine.schedule_at(at, partial(self._queue_arrivals, at))
         arrivals.append((sent, self.cluster.nodes[caller].index, caller, kind, digest, size,
                          payload, patience))
 
-    def _queue_arrivals(self) -> None:
-        arrivals, self._arrivals = self._arrivals, []
+    def _queue_arrivals(self, at: float) -> None:
+        arrivals = self._arrivals.pop(at)
         if len(arrivals) > 1:
             arrivals.sort(key=_arrival_order)
         for sent, _, caller, kind, digest, size, payload, patience in arrivals:
