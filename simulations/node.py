@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Final, cast
 
-from p2pd.core.coordinator import Coordinator, HolderInfo, Lease, PeerList
+from p2pd.core.coordinator import Coordinator, Lease, PeerList
 from p2pd.core.peerscore import PeerScores
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.scheduler import CancelRequest, FetchUpstream, RequestPiece, Scheduler
@@ -171,14 +171,11 @@ def encode_answer(answer: object) -> tuple[object, ...]:
     """A coordinator's answer (a :class:`PeerList`, a :class:`Lease` or none) as plain
     values, to cross between partitions (``marshal``: fast, and a name repeated in a
     window's messages is sent once)."""
-    if isinstance(answer, PeerList):
+    if isinstance(answer, PeerList):  # what a download reads of it (BlobDownload._peers)
         holders = answer.holders
-        hashes: object = answer.hashes if any(answer.hashes) else len(answer.hashes)
-        return ("peers", tuple(h.node_id for h in holders), tuple(h.addr for h in holders),
-                tuple(h.bits for h in holders), tuple(h.complete for h in holders),
-                tuple(h.last_seen for h in holders), hashes,
-                tuple(_lease_values(lease) for lease in answer.fetchers), answer.announced,
-                answer.sampled)
+        return ("peers", tuple(h.node_id for h in holders), tuple(h.bits for h in holders),
+                tuple(h.complete for h in holders),
+                tuple(lease.node_id for lease in answer.fetchers), answer.announced)
     if isinstance(answer, Lease):
         return ("lease", *_lease_values(answer))
     if answer is None:
@@ -191,7 +188,8 @@ def _lease_values(lease: Lease) -> tuple[str, int, int, float]:
 
 
 def decode_answer(values: tuple[object, ...]) -> object:
-    """The answer :func:`encode_answer` made these values of."""
+    """The lease or none that :func:`encode_answer` made these values of (a lookup's
+    answer is read as it comes: :meth:`BlobDownload._peers_sent`)."""
     kind = values[0]
     if kind == "lease":
         node_id, first, last, expires = values[1:]
@@ -200,18 +198,7 @@ def decode_answer(values: tuple[object, ...]) -> object:
         return Lease(node_id, first, last, expires)
     if kind == "none":
         return None
-    ids, addrs, bits, complete, seen, hashes, fetchers, announced, sampled = values[1:]
-    assert isinstance(ids, tuple) and isinstance(addrs, tuple) and isinstance(bits, tuple)
-    assert isinstance(complete, tuple) and isinstance(seen, tuple)
-    assert isinstance(fetchers, tuple) and isinstance(announced, int)
-    assert isinstance(sampled, bool)
-    holders = tuple(HolderInfo(i, a, b, c, t)  # not (*h): compiled, a direct call
-                    for i, a, b, c, t in zip(ids, addrs, bits, complete, seen, strict=True))
-    if isinstance(hashes, int):
-        hashes = (None,) * hashes
-    assert isinstance(hashes, tuple)
-    leases = tuple(decode_answer(("lease", *lease)) for lease in fetchers)
-    return PeerList(holders, hashes, leases, announced, sampled)  # type: ignore[arg-type]
+    raise ValueError(f"not a lease or none: {kind!r}")
 
 
 class _Connection:
@@ -469,7 +456,11 @@ class SimNode:
         if not self.crashed:
             download = self.downloads[digest]
             if kind == _LOOKUP:
-                download._peers(decode_answer(answer))
+                _, ids, bits, complete, fetchers, announced = answer
+                download._peers_sent(
+                    cast("tuple[str, ...]", ids), cast("tuple[int, ...]", bits),
+                    cast("tuple[bool, ...]", complete), cast("tuple[str, ...]", fetchers),
+                    cast(int, announced))
             else:
                 download._granted(decode_answer(answer))
 
@@ -892,20 +883,44 @@ class BlobDownload:
 
     def _peers(self, answer: object) -> None:
         assert isinstance(answer, PeerList)
-        self._answered(_LOOKUP)
-        if self.completed:
+        if not self._lookup_answered(answer.announced):
             return
-        self.lookup_time = self.answer_time = self.engine.now - self.lookup_sent
-        self.next_lookup = self.engine.now + lookup_wait(
-            self.node.rng, self.node.limits.lookup_jitter, self.answer_time)
-        now = self.engine.now
-        seen = self.seen
-        self.hashed |= answer.announced
+        now, seen = self.engine.now, self.seen
         for holder in answer.holders:
             seen |= holder.bits
             self._feed(holder.node_id, holder.bits, holder.complete, now)
         me = self.node.name
-        fetcher = any(lease.node_id != me for lease in answer.fetchers)
+        self._holders_taken(seen, any(lease.node_id != me for lease in answer.fetchers))
+
+    def _peers_sent(self, ids: tuple[str, ...], bits: tuple[int, ...],
+                    complete: tuple[bool, ...], fetchers: tuple[str, ...],
+                    announced: int) -> None:
+        """:meth:`_peers`, from another partition's coordinator (:func:`encode_answer`)."""
+        if not self._lookup_answered(announced):
+            return
+        now, seen = self.engine.now, self.seen
+        for node_id, holder_bits, whole in zip(ids, bits, complete, strict=True):
+            seen |= holder_bits
+            self._feed(node_id, holder_bits, whole, now)
+        me = self.node.name
+        self._holders_taken(seen, any(node_id != me for node_id in fetchers))
+
+    def _lookup_answered(self, announced: int) -> bool:
+        """A lookup's answer has come (``announced``: the pieces whose hashes its
+        coordinator holds); whether the download still wants it."""
+        self._answered(_LOOKUP)
+        if self.completed:
+            return False
+        self.lookup_time = self.answer_time = self.engine.now - self.lookup_sent
+        self.next_lookup = self.engine.now + lookup_wait(
+            self.node.rng, self.node.limits.lookup_jitter, self.answer_time)
+        self.hashed |= announced
+        return True
+
+    def _holders_taken(self, seen: int, fetcher: bool) -> None:
+        """The holders a lookup told of were fed (``seen``: every piece held by one of
+        them or earlier ones; ``fetcher``: another node fetches upstream)."""
+        now = self.engine.now
         if seen != self.seen or fetcher or not self.answered:
             # the swarm makes progress, or someone else fetches upstream: not stuck
             self.seen, self.last_progress = seen, now

@@ -14,7 +14,7 @@ from simulations.cli import main
 from simulations.cluster import Cluster, MiB, Scenario, run_p2p
 from simulations.engine import Engine
 from simulations.network import Network, size_share
-from simulations.node import decode_answer, encode_answer
+from simulations.node import BlobDownload, Limits, decode_answer, encode_answer
 from simulations.parallel import _exchange, run_partitioned
 
 MIXED = Scenario(nodes=16, image_bytes=48 * MiB, layers=3, node_up=40 * MiB,
@@ -208,13 +208,35 @@ def test_a_shrunk_share_slows_its_fastest_flows_first_and_never_speeds_one_up() 
     assert left == pytest.approx(10_000 - 80 * 1.0 - 30 * 1.0 - 12.5 * 2.5)
 
 
-def test_coordinator_answers_cross_as_plain_values() -> None:
-    peers = PeerList(holders=(HolderInfo("node-1", "node-1", 5, False, 1.5),
-                              HolderInfo("node-2", "node-2", 7, True, 2.0)),
-                     hashes=(None,) * 3, fetchers=(Lease("node-3", 0, 2, 9.0),),
-                     announced=7, sampled=True)
-    lease = Lease("node-4", 2, 3, 4.5)
-    for answer in (peers, lease, None):
+def test_a_lookups_answer_crosses_as_what_the_download_reads_of_it() -> None:
+    scenario = Scenario(nodes=4, image_bytes=8 * MiB, layers=1, node_up=10 * MiB,
+                        node_down=100 * MiB, registry_up=10 * MiB, seed=1)
+    blob = scenario.blobs()[0]
+    count = Limits().layout(blob.size).count
+    one, two = "node-00001", "node-00002"
+    peers = PeerList(holders=(HolderInfo(one, one, 0b101, False, 1.5),
+                              HolderInfo(two, two, (1 << count) - 1, True, 2.0)),
+                     hashes=(None,) * count, fetchers=(Lease("node-00003", 0, 2, 9.0),),
+                     announced=0b111, sampled=True)
+    states = []
+    for crossing in (False, True):
+        cluster = Cluster(scenario)
+        node = cluster.nodes["node-00000"]
+        download = node.downloads[blob.digest] = BlobDownload(node, blob)
+        cluster.engine.run(0.5)
+        if crossing:
+            node.rpc_answer("lookup", blob.digest, encode_answer(peers))
+        else:
+            download._peers(peers)
+        states.append((download.seen, download.hashed, download.next_lookup,
+                       download.last_progress, download.answered,
+                       [download.sched.known(name) for name in (one, two)]))
+    assert states[0] == states[1]
+    assert states[0][5] == [frozenset({0, 2}), frozenset(range(count))]
+
+
+def test_a_lease_crosses_as_plain_values() -> None:
+    for answer in (Lease("node-4", 2, 3, 4.5), None):
         assert decode_answer(encode_answer(answer)) == answer
 
 
