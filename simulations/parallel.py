@@ -7,7 +7,8 @@ over all of them, so each has as much to do); each is a
 host exists in each, but only the partition's own act). The registry is
 partition 0's. Whatever one node does to another partition's node travels as a message
 (``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
-answers, crashes. Every message is due at least one *window* after it was sent, the
+answers (a lookup's as what a download reads of it), crashes; a window's messages to a
+partition as one flat list, run by their node's ``SimNode.receive``. Every message is due at least one *window* after it was sent, the
 shortest latency between two hosts (node to node, node to registry: twice the
 scenario's ``latency``), so the partitions run a window at a time, side by side (a
 conservative parallel simulation): each runs its events due before the window's end,
@@ -22,13 +23,16 @@ What changes against an unpartitioned run (the model, not only its speed):
   partition, each partition's flows sharing its share max-min fairly among themselves,
   and the shares are sized at the end of every window from what each partition's flows
   did in it (:func:`simulations.network.size_share`): a partition's flows find less
-  room one window late, as TCP's flows find their share over round trips, and more
-  room at the next change of flows on that downlink or their uplinks
+  room one window late, as TCP's flows find their share over round trips (those that
+  carry more than the smaller share slow down, the fastest first, none speeding up),
+  and more room at the next change of flows on that downlink or their uplinks
   (``Network.reshare``).
 - A coordinator queues every call when it arrives, as the daemon's does (unpartitioned,
   the simulation takes send order: the same but for the coordinator's node's own
   calls); calls arriving at the same instant, by when they were sent, then by the
   caller's place in the cluster (``SimNode.rpc``), whichever partition they come from.
+  A call is told to its target when sent (or, from another partition, when the window
+  is delivered), and one event per instant takes that instant's calls in.
 - Crashes reach the other partitions one window later.
 - Same-instant events from different partitions run in a fixed order (time, sender,
   sequence), so a run is reproducible for a given seed and number of partitions, but
