@@ -8,13 +8,13 @@ host exists in each, but only the partition's own act). The registry is
 partition 0's. Whatever one node does to another partition's node travels as a message
 (``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
 answers (a lookup's as what a download reads of it), crashes; a window's messages to a
-partition as one flat list, run by their node's ``SimNode.receive``. Every message is due at least one *window* after it was sent, the
-shortest latency between two hosts (node to node, node to registry: twice the
-scenario's ``latency``), so the partitions run a window at a time, side by side (a
-conservative parallel simulation): each runs its events due before the window's end,
-then they exchange what they sent, which is due at the end or later (each sends and
-receives at once, over non-blocking sockets). Windows where
-nothing is due are skipped. With ``P2PD_SIM_TIMINGS=1`` each process tells, at the
+partition as one flat list, run by their node's ``SimNode.receive``. Every message is
+due at least one *window* after it was sent, the shortest latency between two hosts
+(node to node, node to registry: twice the scenario's ``latency``), so the partitions
+run a window at a time, side by side (a conservative parallel simulation): each runs its
+events due before the window's end, then they exchange what they sent, which is due at
+the end or later (each sends and receives at once, over non-blocking sockets). Windows
+where nothing is due are skipped. With ``P2PD_SIM_TIMINGS=1`` each process tells, at the
 end, how its time went (running its events, waiting for the others, taking theirs in).
 
 What changes against an unpartitioned run (the model, not only its speed):
