@@ -387,7 +387,8 @@ class Cluster:
             while i < end:
                 at, name = cast(float, box[i]), cast(str, box[i + 1])
                 method, count = cast(str, box[i + 2]), cast(int, box[i + 3])
-                if method == "rpc":  # queued at the coordinator now (SimNode.rpc)
+                if method == "rpc":  # told to the coordinator's node now: SimNode.rpc's
+                    # arguments after ``at``, as SimNode.remote_call posts them
                     nodes[name].rpc(
                         at, cast(str, box[i + 4]), cast(str, box[i + 5]),
                         cast(str, box[i + 6]), cast(int, box[i + 7]),

@@ -373,8 +373,9 @@ class SimNode:
     def remote_call(self, target: SimNode, kind: str, blob: BlobSpec,
                     payload: tuple[object, ...] = (), patience: float = RPC_TIMEOUT) -> None:
         """:meth:`call` in a partitioned run: a lookup, lease request or announcement
-        (``payload``: its bits and whether complete) as a message to the coordinator
-        (an event, if it is this partition's), queued there when it arrives."""
+        (``payload``: its bits and whether complete) told to the coordinator's node now
+        (:meth:`rpc`; another partition's when the window's messages are delivered),
+        queued there when it arrives."""
         now = self.engine.now
         at = now + self.network.latency(self.host, target.host)
         if self.here(target):
