@@ -17,10 +17,18 @@ from typing import Any
 
 import pytest
 import trio
-from discovery_conformance import DiscoveryConformance, Harness, Recorder, foreign_threads, running
+from discovery_conformance import (
+    DiscoveryConformance,
+    Harness,
+    Recorder,
+    by_id,
+    foreign_threads,
+    running,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from zeroconf import ServiceInfo, Zeroconf
+from zeroconf import DNSOutgoing, ServiceInfo, Zeroconf
+from zeroconf.const import _FLAGS_AA, _FLAGS_QR_RESPONSE
 
 from p2pd.core.membership import Member
 from p2pd.core.messages import PROTOCOL_VERSION, Hello
@@ -577,3 +585,32 @@ async def test_mdns_refuses_a_node_id_already_announced() -> None:
     finally:
         await harness.aclose()
     assert foreign_threads() == baseline - 1  # the twin's zeroconf closed too
+
+
+async def test_mdns_a_late_answer_after_a_goodbye_does_not_bring_a_member_back() -> None:
+    # A leaving node's answer already on the wire can come in after its goodbye: fresh
+    # SRV, TXT and address records but no pointer. The browser calls that an update,
+    # and a resolve from the cache would succeed; the member must stay gone.
+    harness = MdnsHarness()
+    a, b = harness.member(0), harness.member(1)
+    await harness.add(a)
+    await harness.add(b)
+    recorder = Recorder(harness.self_member)
+    try:
+        async with running(harness.discovery(), recorder):
+            await recorder.wait_for(by_id(a, b), harness.within)
+            zc, info, announcing = harness.responders[a.node_id]
+            await trio.to_thread.run_sync(withdraw, zc, info, announcing)  # goodbye, still open
+            await recorder.wait_for([b], harness.within)
+
+            def late_answer() -> None:
+                out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+                for record in (info.dns_service(), info.dns_text(), *info.dns_addresses()):
+                    out.add_answer_at_time(record, 0)
+                zc.send(out)
+
+            await trio.to_thread.run_sync(late_answer)
+            await trio.sleep(harness.quiet)
+            assert recorder.latest == [b], recorder.lists
+    finally:
+        await harness.aclose()

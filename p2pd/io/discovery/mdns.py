@@ -5,8 +5,10 @@ SRV gives its peer port and a host name of its own (``p2pd-<id>-<hash>.local.``)
 its advertised IP, TXT ``id=<node id>`` and ``v=1``. It browses the same type; a
 service's member is ``Member(TXT id, "IP:SRV port")``. Its own service shows up in the
 browse too and is left out like in every discovery (by node id). A daemon that stops
-withdraws its service (see :func:`withdraw`) and peers drop it at the goodbye; a crashed
-one goes when its records expire (``ttl``: two minutes, instead of zeroconf's 75).
+withdraws its service (see :func:`withdraw`) and peers drop it at the goodbye, and do not
+take it back for records that come after it without a pointer (an answer it had already
+sent); a crashed one goes when its records expire (``ttl``: two minutes, instead of
+zeroconf's 75).
 
 Bridging to trio: zeroconf runs its own asyncio loop in a thread, and a
 ``ServiceBrowser`` calls its handlers in a thread of its own. The handler resolves the
@@ -247,6 +249,12 @@ class MdnsDiscovery:
         if info is None:
             log.info("mdns discovery: %s did not resolve within %.1f s", name,
                      self.resolve_timeout)
+            return
+        if zeroconf.cache.current_entry_with_name_and_alias(service_type, name) is None:
+            # Its pointer is gone: it said goodbye (or expired) and was removed. Records
+            # that come after the goodbye (an answer the leaving node had already sent)
+            # are an update to the browser, and resolve from the cache: not a return.
+            post((name, None))
             return
         post((name, member_from_info(info)))
 
