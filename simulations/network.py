@@ -285,7 +285,7 @@ class Network:
         time spent on rates (1,000 nodes: 768 k flows re-rated at windows' ends, against
         374 k for the shrunk ones alone). A shrunk share is taken up at once, so the
         partitions' flows never carry more than the link: its flows get max-min fair
-        rates within it, none above the rate it had (:func:`_squeeze`; what that frees
+        rates within it, none above the rate it had (:func:`_fitted_rates`; what that frees
         at their uplinks waits for the next change there, by the same rule)."""
         known, hosts, me, shares = self._known, self.hosts, self.part, self._shares
         changed: dict[Host, None] = {}
@@ -414,9 +414,9 @@ class Network:
         self._log_watched(dirty)
 
     def _squeeze(self, resource: Resource) -> None:
-        """Bring the rates of ``resource``'s flows within its capacity (:func:`_squeeze`),
+        """Bring the rates of ``resource``'s flows within its capacity (:func:`_fitted_rates`),
         each finish timer standing (a slower flow re-arms when it comes up)."""
-        now, slowed = self.engine.now, _squeeze(resource)
+        now, slowed = self.engine.now, _fitted_rates(resource)
         for flow, rate in slowed:
             old = flow.rate
             flow.remaining -= old * (now - flow.since)
@@ -539,7 +539,7 @@ def _fill_by_heap(seen: list[Resource]) -> None:
                 push(heap, (other.share, other.number))
 
 
-def _squeeze(resource: Resource) -> list[tuple[Flow, float]]:
+def _fitted_rates(resource: Resource) -> list[tuple[Flow, float]]:
     """New rates for the flows through ``resource`` whose rates add up to more than its
     capacity: max-min fair within it, none above its current rate (the flows that
     must slow down, with their rates; the others keep theirs)."""
