@@ -5,10 +5,24 @@ SRV gives its peer port and a host name of its own (``p2pd-<id>-<hash>.local.``)
 its advertised IP, TXT ``id=<node id>`` and ``v=1``. It browses the same type; a
 service's member is ``Member(TXT id, "IP:SRV port")``. Its own service shows up in the
 browse too and is left out like in every discovery (by node id). A daemon that stops
-withdraws its service (see :func:`withdraw`) and peers drop it at the goodbye, and do not
-take it back for records that come after it without a pointer (an answer it had already
-sent); a crashed one goes when its records expire (``ttl``: two minutes, instead of
-zeroconf's 75).
+withdraws its service (see :func:`withdraw`) and peers drop it at the goodbye; a crashed
+one goes when its records expire (``ttl``: two minutes, instead of zeroconf's 75).
+
+Answers the leaving node sent before its goodbye can be taken in after it: zeroconf
+reads each multicast packet on more than one socket, one datagram per socket per turn,
+so two packets sent in the same millisecond may swap. Records without a pointer are an
+update to the browser, and a resolve from the cache would succeed: the service counts
+as back only while its pointer is cached. A pointer that comes back within
+:data:`RETURN_GRACE` of the goodbye is doubted: the service is asked for its SRV record
+(no known answer given, so a live responder must answer) and taken back only if an
+answer comes within :data:`RETURN_GRACE`. A node that really returned answers; a stale
+answer does not, and its pointer is then dropped from zeroconf's cache, so that the
+node's real return later is a new service again. The question is asked up to
+:data:`RETURN_ASKS` times, :data:`RETURN_GRACE` apart: a responder multicasts a record at most
+once a second (RFC 6762, section 6), so one that has just announced itself answers only
+a second after its last announcement. (Waiting for the pointer to be announced again
+does not tell them apart: zeroconf drops a packet identical to the last one within a
+second, which each of its three announcements is.)
 
 Bridging to trio: zeroconf runs its own asyncio loop in a thread, and a
 ``ServiceBrowser`` calls its handlers in a thread of its own. The handler resolves the
@@ -38,6 +52,8 @@ import ipaddress
 import logging
 import math
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -55,7 +71,11 @@ from zeroconf import (
     Zeroconf,
 )
 from zeroconf import Error as ZeroconfError
+from zeroconf._dns import DNSQuestion
+from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf._utils.name import service_type_name  # exported, but not in __all__
+from zeroconf._utils.time import current_time_millis  # zeroconf's clock for ``created``
+from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
 
 from p2pd.core.membership import Member
 from p2pd.errors import ConfigError
@@ -67,6 +87,12 @@ DEFAULT_SERVICE = "_p2pd._tcp.local."
 DEFAULT_SETTLE = 1.0
 DEFAULT_TTL = 120
 DEFAULT_RESOLVE_TIMEOUT = 3.0
+RETURN_GRACE = 1.0
+"""Seconds after a service's goodbye in which its pointer's return is doubted, and
+between the questions that ask a doubted service whether it is there (see the module
+docstring)."""
+RETURN_ASKS = 3
+_POLL = 0.05  # seconds between looks at the cache for an answer
 
 _Item = tuple[str, Member | None] | BaseException
 """What the browser thread posts: an instance's member (``None``: gone), or a crash."""
@@ -138,6 +164,12 @@ class MdnsDiscovery:
         self.interfaces = list(interfaces) if interfaces is not None else None
         self.settle = settle
         self.resolve_timeout = resolve_timeout
+        # the browser's thread and the timers that check doubted returns share these
+        self._lock = threading.Lock()
+        self._gone_at: dict[str, float] = {}  # instance -> its goodbye (zeroconf's ms)
+        self._doubted: dict[str, float] = {}  # instance -> its doubted pointer's receipt
+        self._checks: set[threading.Thread] = set()
+        self._closing = threading.Event()  # the checks give up
         label = instance_label(self_member.node_id)
         hostname = re.sub(r"[^A-Za-z0-9-]", "-", self_member.node_id)[:40]
         self.info = ServiceInfo(
@@ -204,7 +236,16 @@ class MdnsDiscovery:
             receive.close()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_close, zc, browser,
-                                              self.info if registered else None, announcing)
+                                              self.info if registered else None, announcing,
+                                              self._stop_checks)
+
+    def _stop_checks(self) -> None:
+        """Make the checks under way give up, and wait for them to end."""
+        self._closing.set()
+        with self._lock:
+            checks = list(self._checks)
+        for check in checks:
+            check.join()
 
     def _open(self) -> Zeroconf:
         if self.interfaces is None:
@@ -234,6 +275,9 @@ class MdnsDiscovery:
     ) -> None:
         """ServiceBrowser handler, in the browser's thread: resolve, then post to trio."""
         if state_change is ServiceStateChange.Removed:
+            with self._lock:
+                self._gone_at[name] = current_time_millis()
+                self._doubted.pop(name, None)
             post((name, None))
             return
         try:
@@ -250,13 +294,77 @@ class MdnsDiscovery:
             log.info("mdns discovery: %s did not resolve within %.1f s", name,
                      self.resolve_timeout)
             return
-        if zeroconf.cache.current_entry_with_name_and_alias(service_type, name) is None:
+        pointer = zeroconf.cache.current_entry_with_name_and_alias(service_type, name)
+        if pointer is None:
             # Its pointer is gone: it said goodbye (or expired) and was removed. Records
             # that come after the goodbye (an answer the leaving node had already sent)
             # are an update to the browser, and resolve from the cache: not a return.
             post((name, None))
             return
+        if self._doubt(pointer.created, post, zeroconf, service_type, name):
+            return
         post((name, member_from_info(info)))
+
+    def _doubt(self, received: float, post: Callable[[_Item], None], zeroconf: Zeroconf,
+               service_type: str, name: str) -> bool:
+        """Whether to hold back a service whose pointer was ``received`` (zeroconf's
+        ms): it came within :data:`RETURN_GRACE` of the service's goodbye (a check then
+        asks the service whether it is there), or a check of it is under way."""
+        with self._lock:
+            if name in self._doubted:
+                return True  # the check under way decides
+            gone_at = self._gone_at.pop(name, None)
+            if gone_at is None or received - gone_at >= RETURN_GRACE * 1000:
+                return False
+            self._doubted[name] = received
+            check = threading.Thread(target=self._check, name=f"p2pd-mdns-check {name}",
+                                     args=(post, zeroconf, service_type, name), daemon=True)
+            self._checks.add(check)
+        log.info("mdns discovery: %s is back %.0f ms after its goodbye; asking it whether "
+                 "it is there", name, received - gone_at)
+        check.start()
+        return True
+
+    def _check(self, post: Callable[[_Item], None], zeroconf: Zeroconf, service_type: str,
+               name: str) -> None:
+        """A doubted service's check (in a thread of its own): ask for its SRV record;
+        answered, it is back; else its stale pointer goes."""
+        try:
+            there = _answers(zeroconf, name, self._closing)
+        except (RuntimeError, ZeroconfError):  # zeroconf closed meanwhile: nothing to do
+            there = None
+        with self._lock:
+            self._checks.discard(threading.current_thread())
+            doubted = self._doubted.pop(name, None)
+        if there is None or doubted is None:
+            return  # closed, or it said goodbye again meanwhile
+        if there:
+            self._on_change(post, zeroconf, service_type, name, ServiceStateChange.Updated)
+            return
+        log.info("mdns discovery: %s did not answer: a stale answer from before its "
+                 "goodbye, ignored", name)
+        pointer = zeroconf.cache.current_entry_with_name_and_alias(service_type, name)
+        if pointer is not None and pointer.created <= doubted and zeroconf.loop is not None:
+            zeroconf.loop.call_soon_threadsafe(zeroconf.cache.async_remove_records, [pointer])
+
+
+def _answers(zeroconf: Zeroconf, name: str, closing: threading.Event) -> bool | None:
+    """Whether service instance ``name`` answers one of :data:`RETURN_ASKS` questions for its
+    SRV record, :data:`RETURN_GRACE` apart (``None``: ``closing`` was set first).
+    Blocking: call it from a thread of its own."""
+    asked = current_time_millis()
+    for _ in range(RETURN_ASKS):
+        out = DNSOutgoing(_FLAGS_QR_QUERY)
+        out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+        zeroconf.send(out)
+        deadline = time.monotonic() + RETURN_GRACE
+        while time.monotonic() < deadline:
+            if closing.wait(_POLL):
+                return None
+            record = zeroconf.cache.get_by_details(name, _TYPE_SRV, _CLASS_IN)
+            if record is not None and record.created >= asked:
+                return True
+    return False
 
 
 def member_from_info(info: ServiceInfo) -> Member | None:
@@ -344,10 +452,14 @@ def withdraw(zc: Zeroconf, info: ServiceInfo, announcing: Awaitable[Any] | None)
 
 
 def _close(zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None,
-           announcing: Awaitable[Any] | None) -> None:
-    """Stop browsing, withdraw, close (in a worker thread: it blocks and joins threads)."""
+           announcing: Awaitable[Any] | None,
+           stop_checks: Callable[[], None] | None = None) -> None:
+    """Stop browsing and the doubted services' checks, withdraw, close (in a worker
+    thread: it blocks and joins threads)."""
     if browser is not None:
         browser.cancel()
+    if stop_checks is not None:
+        stop_checks()
     if info is not None:
         withdraw(zc, info, announcing)
     zc.close()  # joins zeroconf's loop thread
