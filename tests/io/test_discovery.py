@@ -47,8 +47,8 @@ from p2pd.io.discovery import (
     normalize_addr,
 )
 from p2pd.io.discovery.mdns import (
+    RETURN_ASK_EVERY,
     RETURN_ASKS,
-    RETURN_GRACE,
     member_from_info,
     service_type,
     withdraw,
@@ -647,7 +647,7 @@ async def test_mdns_a_late_pointer_after_a_goodbye_does_not_bring_a_member_back(
                 zc.send(out)
 
             await trio.to_thread.run_sync(late_answer)
-            await trio.sleep(RETURN_ASKS * RETURN_GRACE + harness.quiet)  # past the check
+            await trio.sleep(RETURN_ASKS * RETURN_ASK_EVERY + harness.quiet)  # past the check
             since_gone = recorder.lists[recorder.lists.index([b]):]
             assert all(members == [b] for members in since_gone), recorder.lists
     finally:
@@ -668,6 +668,6 @@ async def test_mdns_a_member_that_leaves_and_comes_back_at_once_is_back() -> Non
             await harness.remove(a)
             await recorder.wait_for([b], harness.within)
             await harness.add(a)
-            await recorder.wait_for(by_id(a, b), harness.within)
+            await recorder.wait_for(by_id(a, b), harness.within + RETURN_ASKS * RETURN_ASK_EVERY)
     finally:
         await harness.aclose()

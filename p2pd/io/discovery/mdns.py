@@ -14,15 +14,16 @@ so two packets sent in the same millisecond may swap. Records without a pointer 
 update to the browser, and a resolve from the cache would succeed: the service counts
 as back only while its pointer is cached. A pointer that comes back within
 :data:`RETURN_GRACE` of the goodbye is doubted: the service is asked for its SRV record
-(no known answer given, so a live responder must answer) and taken back only if an
-answer comes within :data:`RETURN_GRACE`. A node that really returned answers; a stale
-answer does not, and its pointer is then dropped from zeroconf's cache, so that the
-node's real return later is a new service again. The question is asked up to
-:data:`RETURN_ASKS` times, :data:`RETURN_GRACE` apart: a responder multicasts a record at most
-once a second (RFC 6762, section 6), so one that has just announced itself answers only
-a second after its last announcement. (Waiting for the pointer to be announced again
-does not tell them apart: zeroconf drops a packet identical to the last one within a
-second, which each of its three announcements is.)
+with a one-shot query (RFC 6762, section 5.1: from a port of our own, answered at once
+by unicast to it, with the question's id, so no stale packet can pass for the answer),
+up to :data:`RETURN_ASKS` times, :data:`RETURN_ASK_EVERY` apart, and taken back only if
+it answers. A node that really returned answers; a stale answer does not, and its
+pointer is then dropped from zeroconf's cache, so that the node's real return later is
+a new service again. (Waiting for the pointer to be announced again does not tell them
+apart: zeroconf drops a packet identical to the last one within a second, which each of
+its three announcements is; nor does a multicast question, whose answer a responder may
+hold back for a second after its last announcement, and whose records a stale packet
+may carry too.)
 
 Bridging to trio: zeroconf runs its own asyncio loop in a thread, and a
 ``ServiceBrowser`` calls its handlers in a thread of its own. The handler resolves the
@@ -51,7 +52,10 @@ import hashlib
 import ipaddress
 import logging
 import math
+import random
 import re
+import select
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -72,10 +76,11 @@ from zeroconf import (
 )
 from zeroconf import Error as ZeroconfError
 from zeroconf._dns import DNSQuestion
+from zeroconf._protocol.incoming import DNSIncoming
 from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf._utils.name import service_type_name  # exported, but not in __all__
 from zeroconf._utils.time import current_time_millis  # zeroconf's clock for ``created``
-from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
+from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _MDNS_ADDR, _MDNS_PORT, _TYPE_SRV
 
 from p2pd.core.membership import Member
 from p2pd.errors import ConfigError
@@ -87,11 +92,14 @@ DEFAULT_SERVICE = "_p2pd._tcp.local."
 DEFAULT_SETTLE = 1.0
 DEFAULT_TTL = 120
 DEFAULT_RESOLVE_TIMEOUT = 3.0
-RETURN_GRACE = 1.0
-"""Seconds after a service's goodbye in which its pointer's return is doubted, and
-between the questions that ask a doubted service whether it is there (see the module
-docstring)."""
+RETURN_GRACE = 3.0
+"""Seconds after a service's goodbye in which its pointer's return is doubted (see the
+module docstring). A daemon that restarts takes longer than a second (probing its name
+alone takes 0.75 s); a stale answer comes within milliseconds, or a loaded host's
+scheduling delays."""
 RETURN_ASKS = 3
+RETURN_ASK_EVERY = 1.0
+"""Seconds between the questions that ask a doubted service whether it is there."""
 _POLL = 0.05  # seconds between looks at the cache for an answer
 
 _Item = tuple[str, Member | None] | BaseException
@@ -313,8 +321,9 @@ class MdnsDiscovery:
         with self._lock:
             if name in self._doubted:
                 return True  # the check under way decides
-            gone_at = self._gone_at.pop(name, None)
+            gone_at = self._gone_at.get(name)
             if gone_at is None or received - gone_at >= RETURN_GRACE * 1000:
+                self._gone_at.pop(name, None)
                 return False
             self._doubted[name] = received
             check = threading.Thread(target=self._check, name=f"p2pd-mdns-check {name}",
@@ -330,40 +339,66 @@ class MdnsDiscovery:
         """A doubted service's check (in a thread of its own): ask for its SRV record;
         answered, it is back; else its stale pointer goes."""
         try:
-            there = _answers(zeroconf, name, self._closing)
-        except (RuntimeError, ZeroconfError):  # zeroconf closed meanwhile: nothing to do
-            there = None
+            there = _answers(name, self.interfaces, self._closing)
+        except OSError as exc:  # no route for multicast, say: not doubted
+            log.warning("mdns discovery: could not ask %s whether it is there: %r", name, exc)
+            there = True
         with self._lock:
             self._checks.discard(threading.current_thread())
             doubted = self._doubted.pop(name, None)
+            if there:
+                self._gone_at.pop(name, None)  # back: not doubted again
         if there is None or doubted is None:
             return  # closed, or it said goodbye again meanwhile
         if there:
+            log.info("mdns discovery: %s answered: back", name)
             self._on_change(post, zeroconf, service_type, name, ServiceStateChange.Updated)
             return
         log.info("mdns discovery: %s did not answer: a stale answer from before its "
                  "goodbye, ignored", name)
         pointer = zeroconf.cache.current_entry_with_name_and_alias(service_type, name)
-        if pointer is not None and pointer.created <= doubted and zeroconf.loop is not None:
+        if pointer is not None and zeroconf.loop is not None:
             zeroconf.loop.call_soon_threadsafe(zeroconf.cache.async_remove_records, [pointer])
 
 
-def _answers(zeroconf: Zeroconf, name: str, closing: threading.Event) -> bool | None:
-    """Whether service instance ``name`` answers one of :data:`RETURN_ASKS` questions for its
-    SRV record, :data:`RETURN_GRACE` apart (``None``: ``closing`` was set first).
-    Blocking: call it from a thread of its own."""
-    asked = current_time_millis()
-    for _ in range(RETURN_ASKS):
-        out = DNSOutgoing(_FLAGS_QR_QUERY)
-        out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
-        zeroconf.send(out)
-        deadline = time.monotonic() + RETURN_GRACE
-        while time.monotonic() < deadline:
-            if closing.wait(_POLL):
-                return None
-            record = zeroconf.cache.get_by_details(name, _TYPE_SRV, _CLASS_IN)
-            if record is not None and record.created >= asked:
-                return True
+def _answers(name: str, interfaces: Sequence[str] | None,
+             closing: threading.Event) -> bool | None:
+    """Whether service instance ``name`` answers one of :data:`RETURN_ASKS` questions
+    for its SRV record, :data:`RETURN_ASK_EVERY` apart (``None``: ``closing`` was set
+    first). Blocking: call it from a thread of its own.
+
+    The question is a one-shot query (RFC 6762, section 5.1): multicast from a port of
+    our own, so the responder answers it at once, by unicast, to that port, with the
+    question's id; packets on the mDNS port, stale ones included, never count."""
+    query_id = random.randrange(1, 1 << 16)
+    out = DNSOutgoing(_FLAGS_QR_QUERY, multicast=False, id_=query_id)
+    out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+    packet = out.packets()[0]
+    addrs = [a for a in interfaces or [""] if not a or ipaddress.ip_address(a).version == 4]
+    if not addrs:
+        return True  # no IPv4 interface to ask on: not doubted
+    wanted = name.lower()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+        sock.bind(("", 0))
+        for _ in range(RETURN_ASKS):
+            for addr in addrs:
+                if addr:
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                    socket.inet_aton(addr))
+                sock.sendto(packet, (_MDNS_ADDR, _MDNS_PORT))
+            deadline = time.monotonic() + RETURN_ASK_EVERY
+            while (left := deadline - time.monotonic()) > 0:
+                if closing.is_set():
+                    return None
+                if not select.select([sock], [], [], min(left, _POLL))[0]:
+                    continue
+                data = sock.recv(1 << 16)
+                answer = DNSIncoming(data)
+                if answer.valid and answer.id == query_id and not answer.is_query() and any(
+                        record.type == _TYPE_SRV and record.name.lower() == wanted
+                        for record in answer.answers()):
+                    return True
     return False
 
 
