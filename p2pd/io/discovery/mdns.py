@@ -62,6 +62,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
+import ifaddr
 import trio
 from zeroconf import (
     BadTypeInNameException,
@@ -100,7 +101,7 @@ scheduling delays."""
 RETURN_ASKS = 3
 RETURN_ASK_EVERY = 1.0
 """Seconds between the questions that ask a doubted service whether it is there."""
-_POLL = 0.05  # seconds between looks at the cache for an answer
+_POLL = 0.05  # seconds: how soon a check waiting for its answer sees that we close
 
 _Item = tuple[str, Member | None] | BaseException
 """What the browser thread posts: an instance's member (``None``: gone), or a crash."""
@@ -374,7 +375,10 @@ def _answers(name: str, interfaces: Sequence[str] | None,
     out = DNSOutgoing(_FLAGS_QR_QUERY, multicast=False, id_=query_id)
     out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
     packet = out.packets()[0]
-    addrs = [a for a in interfaces or [""] if not a or ipaddress.ip_address(a).version == 4]
+    if interfaces is None:  # zeroconf's choice "all": every IPv4 interface
+        interfaces = sorted({ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+                             if ip.is_IPv4 and isinstance(ip.ip, str)})
+    addrs = [addr for addr in interfaces if ipaddress.ip_address(addr).version == 4]
     if not addrs:
         return True  # no IPv4 interface to ask on: not doubted
     wanted = name.lower()
@@ -383,9 +387,8 @@ def _answers(name: str, interfaces: Sequence[str] | None,
         sock.bind(("", 0))
         for _ in range(RETURN_ASKS):
             for addr in addrs:
-                if addr:
-                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
-                                    socket.inet_aton(addr))
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF,
+                                socket.inet_aton(addr))
                 sock.sendto(packet, (_MDNS_ADDR, _MDNS_PORT))
             deadline = time.monotonic() + RETURN_ASK_EVERY
             while (left := deadline - time.monotonic()) > 0:
