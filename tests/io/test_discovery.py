@@ -593,10 +593,10 @@ async def test_mdns_refuses_a_node_id_already_announced() -> None:
     assert foreign_threads() == baseline - 1  # the twin's zeroconf closed too
 
 
-async def test_mdns_a_late_answer_after_a_goodbye_does_not_bring_a_member_back() -> None:
-    # A leaving node's answer already on the wire can come in after its goodbye: fresh
-    # SRV, TXT and address records but no pointer. The browser calls that an update,
-    # and a resolve from the cache would succeed; the member must stay gone.
+async def _late_answer_after_a_goodbye(*, pointer: bool, wait: float) -> tuple[Recorder, Member]:
+    """Members a and b; a says goodbye (its responder withdraws but stays open), then
+    sends its SRV, TXT and address records (and its pointer, if ``pointer``) as an
+    answer already on the wire would; ``wait`` seconds later, the recorder and b."""
     harness = MdnsHarness()
     a, b = harness.member(0), harness.member(1)
     await harness.add(a)
@@ -611,15 +611,24 @@ async def test_mdns_a_late_answer_after_a_goodbye_does_not_bring_a_member_back()
 
             def late_answer() -> None:
                 out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
-                for record in (info.dns_service(), info.dns_text(), *info.dns_addresses()):
+                records = (info.dns_service(), info.dns_text(), *info.dns_addresses())
+                for record in (info.dns_pointer(), *records) if pointer else records:
                     out.add_answer_at_time(record, 0)
                 zc.send(out)
 
             await trio.to_thread.run_sync(late_answer)
-            await trio.sleep(harness.quiet)
-            assert recorder.latest == [b], recorder.lists
+            await trio.sleep(wait)
     finally:
         await harness.aclose()
+    return recorder, b
+
+
+async def test_mdns_a_late_answer_after_a_goodbye_does_not_bring_a_member_back() -> None:
+    # A leaving node's answer already on the wire can come in after its goodbye: fresh
+    # SRV, TXT and address records but no pointer. The browser calls that an update,
+    # and a resolve from the cache would succeed; the member must stay gone.
+    recorder, b = await _late_answer_after_a_goodbye(pointer=False, wait=MdnsHarness.quiet)
+    assert recorder.latest == [b], recorder.lists
 
 
 async def test_mdns_a_late_pointer_after_a_goodbye_does_not_bring_a_member_back() -> None:
@@ -627,31 +636,10 @@ async def test_mdns_a_late_pointer_after_a_goodbye_does_not_bring_a_member_back(
     # packets of one millisecond read in the other order): the pointer is new to the
     # browser's cache again, which makes it an "added" service. One stale answer is not
     # a return: the member must stay gone past the check, which asks it in vain.
-    harness = MdnsHarness()
-    a, b = harness.member(0), harness.member(1)
-    await harness.add(a)
-    await harness.add(b)
-    recorder = Recorder(harness.self_member)
-    try:
-        async with running(harness.discovery(), recorder):
-            await recorder.wait_for(by_id(a, b), harness.within)
-            zc, info, announcing = harness.responders[a.node_id]
-            await trio.to_thread.run_sync(withdraw, zc, info, announcing)  # goodbye, still open
-            await recorder.wait_for([b], harness.within)
-
-            def late_answer() -> None:
-                out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
-                for record in (info.dns_pointer(), info.dns_service(), info.dns_text(),
-                               *info.dns_addresses()):
-                    out.add_answer_at_time(record, 0)
-                zc.send(out)
-
-            await trio.to_thread.run_sync(late_answer)
-            await trio.sleep(RETURN_ASKS * RETURN_ASK_EVERY + harness.quiet)  # past the check
-            since_gone = recorder.lists[recorder.lists.index([b]):]
-            assert all(members == [b] for members in since_gone), recorder.lists
-    finally:
-        await harness.aclose()
+    recorder, b = await _late_answer_after_a_goodbye(
+        pointer=True, wait=RETURN_ASKS * RETURN_ASK_EVERY + MdnsHarness.quiet)  # past the check
+    since_gone = recorder.lists[recorder.lists.index([b]):]
+    assert all(members == [b] for members in since_gone), recorder.lists
 
 
 async def test_mdns_a_member_that_leaves_and_comes_back_at_once_is_back() -> None:

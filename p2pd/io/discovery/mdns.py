@@ -490,14 +490,12 @@ def withdraw(zc: Zeroconf, info: ServiceInfo, announcing: Awaitable[Any] | None)
 
 
 def _close(zc: Zeroconf, browser: ServiceBrowser | None, info: ServiceInfo | None,
-           announcing: Awaitable[Any] | None,
-           stop_checks: Callable[[], None] | None = None) -> None:
+           announcing: Awaitable[Any] | None, stop_checks: Callable[[], None]) -> None:
     """Stop browsing and the doubted services' checks, withdraw, close (in a worker
     thread: it blocks and joins threads)."""
     if browser is not None:
         browser.cancel()
-    if stop_checks is not None:
-        stop_checks()
+    stop_checks()
     if info is not None:
         withdraw(zc, info, announcing)
     zc.close()  # joins zeroconf's loop thread
