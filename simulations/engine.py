@@ -12,12 +12,16 @@ batched recomputation) skip the heap: they wait in a FIFO and run in the same
 
 The heap is split by time (a calendar queue): a timer goes into the bucket of
 :data:`BUCKET` seconds its time falls in, an unsorted list; a small heap holds the
-numbers of the buckets that have timers. Only the earliest bucket is a heap of timers,
-made when the clock reaches it. The order is the same ``(time, seq)`` order as one heap
-(every timer of a bucket is earlier than every timer of a later one), but a pop works
-on a heap of a bucket's timers, not of all of them: at 10,000 nodes the single heap
-held a few hundred thousand timers and sifting through it, a cache miss per level, took
-a third of the run.
+numbers of the buckets that have timers. Only the earliest bucket is put in order, once,
+when the clock reaches it: sorted by time, latest first, so that the next timer is
+popped off its end. The order is the same ``(time, seq)`` order as one heap (every
+timer of a bucket is earlier than every timer of a later one, and a bucket's timers
+were appended in ``seq`` order, which the stable sort keeps among equal times), but it
+costs one sort of a bucket's timers on their float times, not a heap: at 10,000 nodes
+the single heap held a few hundred thousand timers and sifting through it, a cache miss
+per level, took a third of the run, and a heap per bucket still compared timers
+through ``Timer.__lt__`` a dozen times per event. A timer due within the bucket being
+run goes into its place in it (found by bisection).
 
 The cyclic garbage collector is off while :meth:`Engine.run` runs: a large run holds
 millions of long-lived objects (schedulers, flows, timers) and allocates millions of
@@ -28,6 +32,7 @@ callbacks when they end; a test checks a whole run), so reference counting frees
 
 from __future__ import annotations
 
+import bisect
 import gc
 import heapq
 import math
@@ -44,8 +49,8 @@ BUCKET: Final = 1e-4
 
 
 class Timer:
-    """A scheduled callback; :meth:`cancel` stops it from running. Timers order by
-    ``(time, seq)``: the heaps hold them directly."""
+    """A scheduled callback; :meth:`cancel` stops it from running. Timers run in
+    ``(time, seq)`` order."""
 
     __slots__ = ("callback", "cancelled", "seq", "time")
 
@@ -55,12 +60,18 @@ class Timer:
         self.callback = callback
         self.cancelled = False
 
-    def __lt__(self, other: Timer) -> bool:
-        return self.time < other.time or (self.time == other.time and self.seq < other.seq)
-
     def cancel(self) -> None:
         """Do not run the callback (harmless if it already ran)."""
         self.cancelled = True
+
+
+def _time(timer: Timer) -> float:
+    return timer.time
+
+
+def _later(timer: Timer) -> float:
+    """The sort key of a bucket in order (latest first), for :func:`bisect.bisect_left`."""
+    return -timer.time
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +90,7 @@ class Engine:
     def __init__(self, seed: int) -> None:
         self.now = 0.0
         self.rng = random.Random(seed)
-        self._heap: list[Timer] = []  # the earliest bucket's timers (a heap)
+        self._heap: list[Timer] = []  # the earliest bucket's timers, the next one last
         self._heap_key = -1  # its number (timers up to it go into ``_heap``)
         self._buckets: dict[int, list[Timer]] = {}  # later timers, by bucket number
         self._keys: list[int] = []  # the numbers of ``_buckets`` (a heap)
@@ -106,8 +117,9 @@ class Engine:
             self._due.append(timer)
             return timer
         key = int(time / BUCKET)
-        if key <= self._heap_key:
-            heapq.heappush(self._heap, timer)
+        if key <= self._heap_key:  # after the timers due no later (``seq`` is the largest)
+            heap = self._heap
+            heap.insert(bisect.bisect_left(heap, -time, key=_later), timer)
             return timer
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -121,7 +133,8 @@ class Engine:
         """The heap is empty: the earliest bucket becomes the heap."""
         key = heapq.heappop(self._keys)
         heap = self._heap = self._buckets.pop(key)
-        heapq.heapify(heap)
+        heap.reverse()  # latest first, and among equal times the latest scheduled first
+        heap.sort(key=_time, reverse=True)  # (stable: equal times keep that order)
         self._heap_key = key
 
     def child_rng(self) -> random.Random:
@@ -145,14 +158,14 @@ class Engine:
         if self._due:
             return self.now
         if self._heap:
-            return self._heap[0].time
+            return self._heap[-1].time
         if self._keys:
             return min(timer.time for timer in self._buckets[self._keys[0]])
         return math.inf
 
     def _run(self, until: float | None, before: bool) -> float:
         due, self._stopped = self._due, False
-        pop, popleft = heapq.heappop, due.popleft
+        popleft = due.popleft
         limit = math.inf if until is None else until
         if before:
             limit = math.nextafter(limit, -math.inf)
@@ -161,13 +174,13 @@ class Engine:
             if not heap and self._keys:
                 self._refill()
                 heap = self._heap
-            if due and not (heap and heap[0].time == self.now and heap[0].seq < due[0].seq):
+            if due and not (heap and heap[-1].time == self.now and heap[-1].seq < due[0].seq):
                 timer = popleft()
             elif heap:
-                if heap[0].time > limit:
+                if heap[-1].time > limit:
                     self.now = limit
                     return limit
-                timer = pop(heap)
+                timer = heap.pop()
                 self.now = timer.time
             else:
                 break

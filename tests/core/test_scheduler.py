@@ -803,3 +803,13 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=60, deadline=None
 )
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+def test_actions_compare_by_kind_and_fields() -> None:
+    assert RequestPiece("a", 1) == RequestPiece("a", 1)
+    assert hash(RequestPiece("a", 1)) == hash(RequestPiece("a", 1))
+    assert RequestPiece("a", 1) != RequestPiece("a", 2)
+    assert RequestPiece("a", 1) != RequestPiece("b", 1)
+    assert RequestPiece("a", 1) != CancelRequest("a", 1)
+    assert len({RequestPiece("a", 1), CancelRequest("a", 1), RequestPiece("a", 1)}) == 2
+    assert repr(CancelRequest("a", 1)) == "CancelRequest(peer_id='a', index=1)"

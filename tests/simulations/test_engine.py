@@ -122,3 +122,22 @@ def test_the_calendar_queue_runs_everything_in_time_then_schedule_order(
     engine.run()
     assert ran == sorted(expected)
     assert engine.statistics().queued == 0
+
+
+def test_a_timer_due_within_the_running_bucket_takes_its_place_in_it() -> None:
+    """Scheduled while its bucket runs, a timer runs after those due no later than it
+    (those due at the same time were scheduled first) and before the later ones."""
+    engine = Engine(seed=1)
+    seen: list[str] = []
+
+    def first() -> None:
+        seen.append("first")
+        engine.schedule_at(1.00002, lambda: seen.append("new"))
+
+    engine.schedule_at(1.00005, lambda: seen.append("later"))
+    engine.schedule_at(1.00002, lambda: seen.append("same 1"))
+    engine.schedule_at(1.0, first)
+    engine.schedule_at(1.00002, lambda: seen.append("same 2"))
+    engine.schedule_at(1.00001, lambda: seen.append("earlier"))
+    engine.run()
+    assert seen == ["first", "earlier", "same 1", "same 2", "new", "later"]
