@@ -357,6 +357,15 @@ class Cluster:
         self.finished = False
         self._left = sum(1 for node in self.nodes.values() if self.local(node))
         self.unpacking = Unpacking(scenario, self.network)
+        self._layouts: dict[int, PieceLayout] = {}
+
+    def layout(self, size: int) -> PieceLayout:
+        """The piece layout of a blob of ``size`` bytes (one object per size: a
+        coordinator's node asks for one per call it takes in)."""
+        layout = self._layouts.get(size)
+        if layout is None:
+            layout = self._layouts[size] = self.scenario.limits.layout(size)
+        return layout
 
     def local(self, node: SimNode) -> bool:
         """Whether ``node`` is this partition's (always, unpartitioned)."""
@@ -373,7 +382,8 @@ class Cluster:
         box.append(name)
         box.append(method)
         box.append(len(args))
-        box.extend(args)
+        for arg in args:  # (extend() takes a slice assignment's path: slower for a few)
+            box.append(arg)
         if at < self.soonest_post:
             self.soonest_post = at
 
@@ -418,7 +428,7 @@ class Cluster:
         registry (its first ``Range`` request has arrived): this partition, the
         registry's, sends them as ``BlobDownload._upstream_run`` does, piece after
         piece, each one latency after the last arrived."""
-        self._upstream_piece(self.nodes[name], digest, self.scenario.limits.layout(size),
+        self._upstream_piece(self.nodes[name], digest, self.layout(size),
                              runs, 0)
 
     def _upstream_piece(self, node: SimNode, digest: str, layout: PieceLayout,

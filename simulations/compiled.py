@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = (
     "p2pd/core/tuning.py",
+    "p2pd/core/draws.py",
     "p2pd/core/pieces.py",
     "p2pd/core/bitfield.py",
     "p2pd/core/peerscore.py",

@@ -416,7 +416,7 @@ class SimNode:
         from the target (``call``, in an unpartitioned run, takes it when sent: the same
         order, but for the coordinator's node's own calls, which arrive at once)."""
         now = self.engine.now
-        cost = self.call_cost(caller, kind, digest, self.limits.layout(size).count)
+        cost = self.call_cost(caller, kind, digest, self.cluster.layout(size).count)
         at = now
         if cost:
             at = self.cpu_free = max(now, self.cpu_free) + cost
@@ -695,7 +695,7 @@ class BlobDownload:
     def __init__(self, node: SimNode, blob: BlobSpec) -> None:
         self.node, self.blob, self.engine = node, blob, node.engine
         limits = node.limits
-        self.layout = limits.layout(blob.size)
+        self.layout = node.cluster.layout(blob.size)
         self.sched = Scheduler(self.layout, rng=node.rng, scores=node.scores,
                                max_in_flight=limits.max_in_flight,
                                max_in_flight_per_peer=limits.max_in_flight_per_peer)

@@ -45,13 +45,13 @@ Time never goes backwards: a ``now`` earlier than one already seen counts as the
 from __future__ import annotations
 
 import heapq
-import math
 import random
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from p2pd.core.bitfield import indices_of_mask
+from p2pd.core.draws import sample, shuffle
 from p2pd.core.pieces import PieceLayout
 from p2pd.core.tuning import SAMPLE_ABOVE
 
@@ -131,49 +131,7 @@ class CoordinatorStatistics:
 
 def _sample(rng: random.Random, ids: list[str], k: int, exclude: str) -> list[str]:
     """Up to ``k`` random ``ids`` other than ``exclude``, in O(k) for large lists."""
-    return [n for n in draw(rng, ids, min(len(ids), k + 1)) if n != exclude][:k]
-
-
-def draw(rng: random.Random, population: list[str], k: int) -> list[str]:
-    """``k`` distinct items of ``population`` at random: ``rng.sample(population, k)``,
-    item for item from the same state of ``rng`` (CPython's algorithm, which a test
-    checks against it), in plain code that the compiled simulation compiles too.
-
-    Why: ``random.Random.sample`` is Python code; a simulated coordinator answers every
-    lookup with a draw, and interpreted from the compiled build it was 5 % of a run.
-    Small populations: the first ``k`` steps of a Fisher-Yates shuffle of a copy; large
-    ones: positions drawn until ``k`` distinct ones are found."""
-    n = len(population)
-    if not 0 <= k <= n:
-        raise ValueError("sample larger than population or is negative")
-    setsize = 21  # the largest population copied, as in random.sample
-    if k > 5:
-        setsize += 4 ** math.ceil(math.log(k * 3, 4))
-    result: list[str] = []
-    if n <= setsize:
-        pool = list(population)
-        for i in range(k):
-            j = _below(rng, n - i)
-            result.append(pool[j])
-            pool[j] = pool[n - i - 1]
-        return result
-    selected: set[int] = set()
-    for _ in range(k):
-        j = _below(rng, n)
-        while j in selected:
-            j = _below(rng, n)
-        selected.add(j)
-        result.append(population[j])
-    return result
-
-
-def _below(rng: random.Random, n: int) -> int:
-    """A random int in ``[0, n)``, ``n > 0``: ``Random._randbelow``'s draw."""
-    bits = n.bit_length()
-    r = rng.getrandbits(bits)
-    while r >= n:
-        r = rng.getrandbits(bits)
-    return r
+    return [n for n in sample(rng, ids, min(len(ids), k + 1)) if n != exclude][:k]
 
 
 def _rarity_classes(availability: list[int]) -> list[int]:
@@ -349,7 +307,7 @@ class BlobSwarm:
         extra = [n for n in extra if n not in pool]  # partial fetchers not sampled already
         if extra:
             pool += extra
-            rng.shuffle(pool)  # a candidate's position breaks ties: at random
+            shuffle(rng, pool)  # a candidate's position breaks ties: at random
         if self._tiers is None:  # piece masks by rarity class, rarest first
             self._tiers = tuple(_rarity_classes(self._availability))
         mine = self.holders.get(asker)

@@ -61,6 +61,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from p2pd.core.draws import shuffle
 from p2pd.core.peerscore import InFlight, PeerId, PeerScores
 from p2pd.core.pieces import PieceLayout
 
@@ -197,7 +198,7 @@ class Scheduler:
         # array's through Python's generic item protocol (these are read on every piece
         # a peer is known to gain); their small ints are shared objects
         self._order = list(range(n))
-        rng.shuffle(self._order)  # rank -> piece: this node's tie-break order
+        shuffle(rng, self._order)  # rank -> piece: this node's tie-break order
         self._rank = [0] * n
         for rank, index in enumerate(self._order):
             self._rank[index] = rank
@@ -508,10 +509,16 @@ class Scheduler:
             self._dirty[peer_id] = None
         old_part, new_part = (0 if old == full else old), (0 if new == full else new)
         self._seeds += (new == full) - (old == full)
-        for rank in _bits(old_part & ~new_part):
-            self._bump(self._order[rank], -1)
-        for rank in _bits(new_part & ~old_part):
-            self._bump(self._order[rank], 1)
+        order = self._order
+        gone, came = old_part & ~new_part, new_part & ~old_part
+        while gone:  # _bits, unrolled: its generator cost more than the bumps
+            low = gone & -gone
+            self._bump(order[low.bit_length() - 1], -1)
+            gone ^= low
+        while came:
+            low = came & -came
+            self._bump(order[low.bit_length() - 1], 1)
+            came ^= low
 
     def _forget_piece(self, peer_id: PeerId, index: int) -> None:
         """``peer_id`` is taken not to hold ``index`` any more; ask someone else."""

@@ -18,7 +18,6 @@ from p2pd.core.coordinator import (
     CoordinatorStatistics,
     Lease,
     bitfield,
-    draw,
     pieces_of,
 )
 from p2pd.core.pieces import MiB, PieceLayout
@@ -659,19 +658,3 @@ def test_the_lists_lookups_sample_from_follow_every_change(
     for listed in swarm._lists:
         assert all(swarm._at[n] == i for i, n in enumerate(listed))
 
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 2**32), st.integers(0, 400), st.data())
-def test_draw_picks_what_random_sample_picks(seed: int, n: int, data: st.DataObject) -> None:
-    """The same items, in the same order, leaving the rng in the same state: small
-    populations (copied and shuffled in part) and large ones (positions drawn)."""
-    k = data.draw(st.integers(0, n))
-    population = [f"node{i}" for i in range(n)]
-    ours, theirs = random.Random(seed), random.Random(seed)
-    assert draw(ours, population, k) == theirs.sample(population, k)
-    assert ours.getstate() == theirs.getstate()
-
-
-def test_draw_refuses_more_than_the_population() -> None:
-    with pytest.raises(ValueError):
-        draw(random.Random(0), ["a", "b"], 3)
