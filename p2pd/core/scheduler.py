@@ -509,16 +509,10 @@ class Scheduler:
             self._dirty[peer_id] = None
         old_part, new_part = (0 if old == full else old), (0 if new == full else new)
         self._seeds += (new == full) - (old == full)
-        order = self._order
-        gone, came = old_part & ~new_part, new_part & ~old_part
-        while gone:  # _bits, unrolled: its generator cost more than the bumps
-            low = gone & -gone
-            self._bump(order[low.bit_length() - 1], -1)
-            gone ^= low
-        while came:
-            low = came & -came
-            self._bump(order[low.bit_length() - 1], 1)
-            came ^= low
+        if old_part & ~new_part:
+            self._count(old_part & ~new_part, -1)
+        if new_part & ~old_part:
+            self._count(new_part & ~old_part, 1)
 
     def _forget_piece(self, peer_id: PeerId, index: int) -> None:
         """``peer_id`` is taken not to hold ``index`` any more; ask someone else."""
@@ -548,17 +542,27 @@ class Scheduler:
 
     # -- internals: pieces --------------------------------------------------------------
 
-    def _bump(self, index: int, delta: int) -> None:
-        count = self._partial[index]
-        self._partial[index] = count + delta
-        if self._state[index] == _PENDING:  # move it to its new bucket
-            bit, buckets = 1 << self._rank[index], self._buckets
-            buckets[count] ^= bit
-            if count + delta == len(buckets):
-                buckets.append(0)
-            buckets[count + delta] |= bit
-            if not count or not count + delta:
-                self._orphans ^= 1 << index
+    def _count(self, ranks: int, delta: int) -> None:
+        """One more (``delta`` 1) or one fewer (-1) usable peer holds each piece of
+        ``ranks`` (rank bits): their partial counts change, and pending ones move to
+        their new bucket. (One loop over the bits with everything in locals: this runs
+        for every piece a peer is learnt to hold.)"""
+        order, partial, state, buckets = self._order, self._partial, self._state, self._buckets
+        orphans = self._orphans
+        while ranks:
+            bit = ranks & -ranks  # the piece's rank bit
+            ranks ^= bit
+            index = order[bit.bit_length() - 1]
+            count = partial[index]
+            partial[index] = count + delta
+            if state[index] == _PENDING:  # move it to its new bucket
+                buckets[count] ^= bit
+                if count + delta == len(buckets):
+                    buckets.append(0)
+                buckets[count + delta] |= bit
+                if not count or not count + delta:
+                    orphans ^= 1 << index
+        self._orphans = orphans
 
     def _unpend(self, index: int) -> None:
         count, buckets, bit = self._partial[index], self._buckets, 1 << self._rank[index]
@@ -664,14 +668,22 @@ class Scheduler:
         peer filled moves to the back of the one it ends in, so they end in the order
         visited (after the resting, which are not filled). Endgame turns visit dozens of
         peers that hold nothing wanted, and taking each out of its queue and putting it
-        back cost more than asking it."""
+        back cost more than asking it; such a peer goes back to the idle queue here, as
+        :meth:`_ask` and :meth:`_requeue` would put it, without calling them."""
         idle, starved, resting = self._idle, self._starved, self._resting
         order = [*idle, *starved]
         self._idle = {p: None for p in idle if p in resting}
         self._starved = {p: None for p in starved if p in resting}
+        masks, asked = self._masks, self._asked
         for peer_id in order:
-            if peer_id not in resting:
+            if peer_id in resting:
+                continue
+            mask = masks[peer_id]
+            if mask & (self._pending_bits | self._dup_bits) or len(asked) >= self._max_total:
                 self._requeue(peer_id, self._ask(peer_id, now, True, out))
+            elif asked.free(peer_id):  # nothing to ask it: _ask would find so; idle
+                self._idle[peer_id] = None
+                self._idle_bits |= mask
 
     def _pick(self, mask: int) -> int | None:
         """The pending piece to ask a peer holding ``mask`` for: rarest, window, rank."""
