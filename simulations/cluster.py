@@ -26,6 +26,7 @@ import gc
 import hashlib
 import math
 import random
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -119,8 +120,8 @@ class Scenario:
             size, extra = divmod(self.image_bytes, self.layers)
             sizes = [size] * self.layers
             sizes[-1] += extra
-        return [BlobSpec("sha256:" + hashlib.sha256(f"layer-{k}".encode()).hexdigest(), n)
-                for k, n in enumerate(sizes)]
+        return [BlobSpec(sys.intern("sha256:" + hashlib.sha256(f"layer-{k}".encode()).hexdigest()),
+                         n) for k, n in enumerate(sizes)]
 
     @property
     def up(self) -> float:
@@ -253,8 +254,13 @@ class Unpacking:
 
 
 def node_names(scenario: Scenario) -> list[str]:
-    """The nodes' names, in index order."""
-    return [f"node-{i:05d}" for i in range(scenario.nodes)]
+    """The nodes' names, in index order.
+
+    Interned, as the blobs' digests are: ``marshal`` then writes them as interned, and
+    the partition that reads a window's messages gets its own objects back, not copies,
+    so the dictionaries keyed by them compare pointers instead of the strings (and need
+    not hash each copy)."""
+    return [sys.intern(f"node-{i:05d}") for i in range(scenario.nodes)]
 
 
 class Rollout:
