@@ -42,7 +42,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import Final
@@ -66,16 +66,19 @@ queued on the same connection (``None``: the connection has nothing more to send
 class Resource:
     """One direction of a host's access link: a capacity and the flows through it."""
 
-    __slots__ = ("avail", "capacity", "flows", "full", "left", "members", "name", "number", "share",
-                 "total")
+    __slots__ = ("avail", "capacity", "dirty", "flows", "full", "left", "members", "name", "number",
+                 "share", "total")
 
     def __init__(self, name: str, capacity: float) -> None:
         if not capacity > 0:
             raise ValueError(f"capacity of {name} must be positive")
         self.name = name
         self.capacity = capacity
-        self.flows: dict[Flow, None] = {}  # insertion-ordered: deterministic
+        # in the order they started (deterministic); a list, not a dict: a handful of
+        # flows, added and removed at every start and end, need no hashing
+        self.flows: list[Flow] = []
         self.total = 0.0  # sum of the rates of ``flows``
+        self.dirty = False  # in Network._dirty
         # scratch for max_min_rates: its position there (-1 outside), the region's flows
         # through it, what it offers them, how many are not frozen yet, and their share
         self.number = -1
@@ -111,8 +114,8 @@ class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
     __slots__ = ("counted", "delay", "done", "down", "dst", "finish", "fixed", "more",
-                 "on_done", "on_sent", "rate", "remaining", "since", "size", "src", "tag",
-                 "timer")
+                 "on_done", "on_sent", "picked", "rate", "remaining", "since", "size", "src",
+                 "tag", "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -130,6 +133,7 @@ class Flow:
         self.more: More | None = None  # the next transfer on the same connection, if any
         self.counted = True  # in the statistics' bytes
         self.fixed = 0.0  # scratch for max_min_rates: its new rate (-1: not frozen yet)
+        self.picked = 0  # the last recomputation that took it into its region
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +165,10 @@ class Network:
         self._watched: dict[Resource, list[tuple[float, float]]] = {}
         self._sent: dict[Resource, float] = {}  # watched: bytes of flows that ended
         self.hosts: dict[str, Host] = {}
-        self._flows: dict[Flow, None] = {}
-        self._dirty: dict[Resource, None] = {}
+        self._flows: dict[Flow, None] = {}  # exact only (the rest count ``_active``)
+        self._active = 0
+        self._serial = 0  # recomputations so far (Flow.picked)
+        self._dirty: list[Resource] = []  # first touched first
         self._shrunk: dict[Resource, None] = {}  # shares now below their flows' rates
         self._reflow: Timer | None = None
         self._bytes: Counter[str] = Counter()
@@ -214,9 +220,11 @@ class Network:
         flow.more = more
         flow.counted = counted
         flow.delay = self.latency(src, dst) if delay is None else delay
-        self._flows[flow] = None
-        src.up.flows[flow] = None
-        flow.down.flows[flow] = None
+        if self.exact:
+            self._flows[flow] = None
+        self._active += 1
+        src.up.flows.append(flow)
+        flow.down.flows.append(flow)
         if counted:
             self._started += size
         self._counts[0] += 1
@@ -243,8 +251,10 @@ class Network:
     # -- internals ----------------------------------------------------------------------
 
     def _touch(self, flow: Flow) -> None:
-        self._dirty[flow.src.up] = None
-        self._dirty[flow.down] = None
+        for resource in (flow.src.up, flow.down):
+            if not resource.dirty:
+                resource.dirty = True
+                self._dirty.append(resource)
         if self._reflow is None:
             self._reflow = self.engine.schedule(0.0, self._recompute)
         if len(flow.dst.downs) > 1:  # its downlink is to be shared out again (share_reports)
@@ -319,9 +329,11 @@ class Network:
         # at once (the engine runs with the cyclic garbage collector off).
         flow.timer, flow.finish, flow.on_done, flow.on_sent = None, _nothing, _nothing, None
         flow.more = None
-        del self._flows[flow]
+        if self.exact:
+            del self._flows[flow]
+        self._active -= 1
         for resource in (flow.src.up, flow.down):
-            del resource.flows[flow]
+            resource.flows.remove(flow)
             resource.total = resource.total - flow.rate if resource.flows else 0.0
         self._touch(flow)
 
@@ -372,19 +384,24 @@ class Network:
 
     def _recompute(self) -> None:
         self._reflow = None
-        dirty, self._dirty = self._dirty, {}
+        dirty, self._dirty = self._dirty, []
         if self._shrunk:
             shrunk, self._shrunk = self._shrunk, {}
             for resource in shrunk:
-                if resource not in dirty:  # else re-rated below, with the rest
+                if not resource.dirty:  # else re-rated below, with the rest
                     self._squeeze(resource)
+        for resource in dirty:
+            resource.dirty = False
         if self.exact:
             region = list(self._flows)
-        else:
-            picked: dict[Flow, None] = {}
+        else:  # each flow once, first seen first
+            serial = self._serial = self._serial + 1
+            region = []
             for resource in dirty:
-                picked.update(resource.flows)
-            region = list(picked)
+                for flow in resource.flows:
+                    if flow.picked != serial:
+                        flow.picked = serial
+                        region.append(flow)
         if not region:
             self._log_watched(dirty)
             return
@@ -427,7 +444,7 @@ class Network:
         if slowed and self._watched:
             self._log_watched({flow.src.up: None for flow, _ in slowed})
 
-    def _log_watched(self, dirty: dict[Resource, None]) -> None:
+    def _log_watched(self, dirty: Collection[Resource]) -> None:
         now = self.engine.now
         for resource, log in self._watched.items():
             if resource in dirty:
@@ -441,7 +458,7 @@ class Network:
             bytes_by_tag=dict(sorted(self._bytes.items())), bytes_started=self._started,
             bytes_wasted=self._wasted, flows_started=self._counts[0],
             flows_completed=self._counts[1], flows_cancelled=self._counts[2],
-            active=len(self._flows), recomputes=self._recomputes,
+            active=self._active, recomputes=self._recomputes,
             flows_recomputed=self._recomputed,
         )
 
