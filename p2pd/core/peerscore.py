@@ -6,6 +6,11 @@ asked for which piece, and since when. Timeouts are progress-based: a request ex
 slow but steady peer is never cut off. A peer's *allowance* — how many requests it may
 have in flight — starts at ``max_per_peer``, halves on each timeout and grows back by one
 per piece it delivers, so a stalling peer is soon asked for one piece at a time.
+Pending timeouts wait in a queue in order of their deadlines (then of when they were
+set): a request's deadline is ``timeout`` after ``now``, which only grows, so a new one
+goes at the back, and only a restarted one (a timeout that found progress) is put in
+its place from the back. A heap of them cost two tuple comparisons per level for every
+request sent, for timeouts that a healthy swarm never sees fire.
 
 :class:`PeerScores` lives as long as the daemon and is shared by the schedulers of all
 blobs. A scheduler records an *offence* when a peer served a piece that failed its
@@ -18,7 +23,7 @@ scheduler notices bans made elsewhere with one integer comparison.
 
 from __future__ import annotations
 
-import heapq
+from collections import deque
 from dataclasses import dataclass
 
 PeerId = str
@@ -26,10 +31,12 @@ PeerId = str
 
 
 class _Request:
-    __slots__ = ("alive", "last")
+    __slots__ = ("alive", "deadline", "index", "last", "peer_id")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, peer_id: PeerId, index: int, now: float) -> None:
+        self.peer_id, self.index = peer_id, index
         self.last, self.alive = now, True
+        self.deadline = 0.0  # its timeout, while in InFlight._timers
 
 
 class InFlight:
@@ -42,8 +49,7 @@ class InFlight:
         self._by_peer: dict[PeerId, dict[int, _Request]] = {}
         self._by_piece: dict[int, list[PeerId]] = {}  # lists: deterministic order
         self._allowance: dict[PeerId, int] = {}  # absent: max_per_peer
-        self._timers: list[tuple[float, int, PeerId, int, _Request]] = []
-        self._seq = 0
+        self._timers: deque[_Request] = deque()  # by deadline, then when queued
         self._count = 0
 
     def __len__(self) -> int:
@@ -55,10 +61,10 @@ class InFlight:
 
     def add(self, peer_id: PeerId, index: int, now: float) -> None:
         """Record that ``peer_id`` was asked for ``index`` at ``now``."""
-        request = _Request(now)
+        request = _Request(peer_id, index, now)
         self._by_peer.setdefault(peer_id, {})[index] = request
         self._by_piece.setdefault(index, []).append(peer_id)
-        self._push(now + self.timeout, peer_id, index, request)
+        self._push(now + self.timeout, request)
         self._count += 1
 
     def remove(self, peer_id: PeerId, index: int) -> bool:
@@ -119,19 +125,20 @@ class InFlight:
 
     def due(self, now: float) -> bool:
         """Whether :meth:`expire` may have something to do at ``now`` (cheap)."""
-        return bool(self._timers) and self._timers[0][0] <= now
+        return bool(self._timers) and self._timers[0].deadline <= now
 
     def expire(self, now: float) -> list[tuple[PeerId, int]]:
         """Remove and return the requests without progress for ``timeout`` (halving the
         allowance of their peers), in order of expiry."""
         expired = []
         timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, peer_id, index, request = heapq.heappop(timers)
+        while timers and timers[0].deadline <= now:
+            request = timers.popleft()
             if not request.alive:
                 continue
+            peer_id, index = request.peer_id, request.index
             if request.last + self.timeout > now:  # progress was made: wait again
-                self._push(request.last + self.timeout, peer_id, index, request)
+                self._push(request.last + self.timeout, request)
                 continue
             self.remove(peer_id, index)
             allowance = self._allowance.get(peer_id, self.max_per_peer)
@@ -142,13 +149,21 @@ class InFlight:
     def next_deadline(self) -> float | None:
         """When :meth:`expire` may next have something to do."""
         timers = self._timers
-        while timers and not timers[0][4].alive:
-            heapq.heappop(timers)
-        return timers[0][0] if timers else None
+        while timers and not timers[0].alive:
+            timers.popleft()
+        return timers[0].deadline if timers else None
 
-    def _push(self, deadline: float, peer_id: PeerId, index: int, request: _Request) -> None:
-        self._seq += 1  # unique: ties never compare the request objects
-        heapq.heappush(self._timers, (deadline, self._seq, peer_id, index, request))
+    def _push(self, deadline: float, request: _Request) -> None:
+        """Queue ``request``'s timeout: after those due no later (set before it)."""
+        request.deadline = deadline
+        timers = self._timers
+        if not timers or timers[-1].deadline <= deadline:
+            timers.append(request)
+            return
+        position = len(timers) - 1  # a restarted timeout: its place, from the back
+        while position and timers[position - 1].deadline > deadline:
+            position -= 1
+        timers.insert(position, request)
 
 
 @dataclass(frozen=True, slots=True)

@@ -537,6 +537,20 @@ def test_in_flight_book() -> None:
         InFlight(max_per_peer=0, timeout=1.0)
 
 
+def test_in_flight_timeouts_expire_in_deadline_order_restarted_ones_included() -> None:
+    """A timeout restarted by progress takes its place among the later ones: the
+    requests expire by deadline, and those due together in the order they were set."""
+    book = InFlight(max_per_peer=4, timeout=5.0)
+    book.add("a", 1, 0.0)  # due 5
+    book.add("b", 1, 1.0)  # due 6
+    book.add("c", 1, 3.0)  # due 8
+    book.add("d", 1, 2.0)  # due 7 (an earlier now than the last: its place, not the back)
+    book.progress("a", 1, 2.0)  # due 7 once its timeout comes up, after d's
+    assert book.expire(5.0) == [] and book.next_deadline() == 6.0
+    assert book.expire(7.0) == [("b", 1), ("d", 1), ("a", 1)]
+    assert book.expire(8.0) == [("c", 1)] and book.next_deadline() is None
+
+
 def test_peer_scores() -> None:
     scores = PeerScores(ban_after=2)
     scores.record_timeout("x")
