@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import partial
@@ -171,7 +170,7 @@ class Network:
         self._dirty: list[Resource] = []  # first touched first
         self._shrunk: dict[Resource, None] = {}  # shares now below their flows' rates
         self._reflow: Timer | None = None
-        self._bytes: Counter[str] = Counter()
+        self._bytes: dict[str, int] = {}  # by tag (compiled, a Counter goes the generic way)
         self._started = self._wasted = 0
         self._counts = [0, 0, 0]  # started, completed, cancelled
         self._recomputes = self._recomputed = 0
@@ -354,7 +353,7 @@ class Network:
                 flow.timer = self.engine.schedule_at(end, flow.finish)
                 return
         if flow.counted:
-            self._bytes[flow.tag] += flow.size
+            self._bytes[flow.tag] = self._bytes.get(flow.tag, 0) + flow.size
         self._counts[1] += 1
         on_sent, on_done = flow.on_sent, flow.on_done
         following = flow.more() if flow.more is not None else None

@@ -476,7 +476,9 @@ class SimNode:
         than ``sample_above`` of them have asked."""
         if kind == _ANNOUNCE:
             return self.cpu_cost("announce", pieces)
-        askers = self.askers.setdefault(digest, set())
+        askers = self.askers.get(digest)
+        if askers is None:
+            askers = self.askers[digest] = set()
         askers.add(caller)
         if kind == _LEASE:
             return self.cpu_cost("lease", pieces)
@@ -802,7 +804,10 @@ class BlobDownload:
         asks: dict[str, list[int]] = {}  # one message per holder, in order
         for action in sched.next_actions(now):
             if isinstance(action, RequestPiece):
-                asks.setdefault(action.peer_id, []).append(action.index)
+                indices = asks.get(action.peer_id)
+                if indices is None:  # (setdefault would make a list every time)
+                    indices = asks[action.peer_id] = []
+                indices.append(action.index)
             elif isinstance(action, FetchUpstream):
                 self._fetch_upstream(action.indices)
             elif isinstance(action, CancelRequest):

@@ -62,8 +62,15 @@ class InFlight:
     def add(self, peer_id: PeerId, index: int, now: float) -> None:
         """Record that ``peer_id`` was asked for ``index`` at ``now``."""
         request = _Request(peer_id, index, now)
-        self._by_peer.setdefault(peer_id, {})[index] = request
-        self._by_piece.setdefault(index, []).append(peer_id)
+        # (get, not setdefault: its default would be made, and dropped, on every call)
+        requests = self._by_peer.get(peer_id)
+        if requests is None:
+            requests = self._by_peer[peer_id] = {}
+        requests[index] = request
+        askers = self._by_piece.get(index)
+        if askers is None:
+            askers = self._by_piece[index] = []
+        askers.append(peer_id)
         self._push(now + self.timeout, request)
         self._count += 1
 
