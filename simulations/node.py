@@ -757,9 +757,11 @@ class BlobDownload:
     def poke(self) -> None:
         """Run the loop at this instant (once, however many events poke it)."""
         if not self.completed and self._soon is None:
-            self._soon = self.engine.schedule(0.0, self._step_soon)
+            # the download itself is the callback (__call__): no bound method per turn
+            self._soon = self.engine.schedule(0.0, self)
 
-    def _step_soon(self) -> None:
+    def __call__(self) -> None:
+        """The turn :meth:`poke` asked for."""
         self._soon = None
         self.step()
 

@@ -113,7 +113,8 @@ class InFlight:
 
     def free(self, peer_id: PeerId) -> int:
         """How many more requests ``peer_id`` may be sent now (0 or more)."""
-        allowance = self._allowance.get(peer_id, self.max_per_peer)
+        allowance = self._allowance.get(peer_id, self.max_per_peer) if self._allowance \
+            else self.max_per_peer  # (none lowered: the usual case, one lookup saved)
         return max(0, allowance - len(self._by_peer.get(peer_id, ())))
 
     def delivered(self, peer_id: PeerId) -> None:

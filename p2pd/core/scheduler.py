@@ -477,6 +477,8 @@ class Scheduler:
             raise IndexError(f"piece {index} out of range 0..{self._n - 1}")
 
     def _usable(self, peer_id: PeerId) -> bool:
+        if not self._blamed and not self._scores.version:  # no one blamed, no one banned
+            return True
         return peer_id not in self._blamed and not self._scores.is_banned(peer_id)
 
     def _mask_of(self, pieces: Iterable[int]) -> int:
