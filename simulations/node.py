@@ -803,19 +803,21 @@ class BlobDownload:
         sched.tick(now)
         if sched.in_flight < in_flight:  # requests timed out: their pieces were forgotten
             self._fed = {}
-        asks: dict[str, list[int]] = {}  # one message per holder, in order
-        for action in sched.next_actions(now):
-            if isinstance(action, RequestPiece):
-                indices = asks.get(action.peer_id)
-                if indices is None:  # (setdefault would make a list every time)
-                    indices = asks[action.peer_id] = []
-                indices.append(action.index)
-            elif isinstance(action, FetchUpstream):
-                self._fetch_upstream(action.indices)
-            elif isinstance(action, CancelRequest):
-                self.cancels_ignored += 1
-        for peer_id, indices in asks.items():
-            self._request(peer_id, indices)
+        actions = sched.next_actions(now)
+        if actions:  # (most turns have none)
+            asks: dict[str, list[int]] = {}  # one message per holder, in order
+            for action in actions:
+                if isinstance(action, RequestPiece):
+                    indices = asks.get(action.peer_id)
+                    if indices is None:  # (setdefault would make a list every time)
+                        indices = asks[action.peer_id] = []
+                    indices.append(action.index)
+                elif isinstance(action, FetchUpstream):
+                    self._fetch_upstream(action.indices)
+                elif isinstance(action, CancelRequest):
+                    self.cancels_ignored += 1
+            for peer_id, indices in asks.items():
+                self._request(peer_id, indices)
         if sched.done:
             self._complete()
             return
