@@ -804,7 +804,7 @@ class BlobDownload:
         if sched.in_flight < in_flight:  # requests timed out: their pieces were forgotten
             self._fed = {}
         actions = sched.next_actions(now)
-        if actions:  # (most turns have none)
+        if actions:  # (a turn with none makes no dict)
             asks: dict[str, list[int]] = {}  # one message per holder, in order
             for action in actions:
                 if isinstance(action, RequestPiece):
