@@ -13,6 +13,7 @@ import secrets
 import socket
 import struct
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -593,10 +594,10 @@ async def test_mdns_refuses_a_node_id_already_announced() -> None:
     assert foreign_threads() == baseline - 1  # the twin's zeroconf closed too
 
 
-async def _late_answer_after_a_goodbye(*, pointer: bool, wait: float) -> tuple[Recorder, Member]:
-    """Members a and b; a says goodbye (its responder withdraws but stays open), then
-    sends its SRV, TXT and address records (and its pointer, if ``pointer``) as an
-    answer already on the wire would; ``wait`` seconds later, the recorder and b."""
+@asynccontextmanager
+async def _two_members() -> AsyncIterator[tuple[MdnsHarness, Member, Member, Recorder]]:
+    """Members a and b, both listed by a running discovery (its recorder); the harness
+    closed after."""
     harness = MdnsHarness()
     a, b = harness.member(0), harness.member(1)
     await harness.add(a)
@@ -605,21 +606,29 @@ async def _late_answer_after_a_goodbye(*, pointer: bool, wait: float) -> tuple[R
     try:
         async with running(harness.discovery(), recorder):
             await recorder.wait_for(by_id(a, b), harness.within)
-            zc, info, announcing = harness.responders[a.node_id]
-            await trio.to_thread.run_sync(withdraw, zc, info, announcing)  # goodbye, still open
-            await recorder.wait_for([b], harness.within)
-
-            def late_answer() -> None:
-                out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
-                records = (info.dns_service(), info.dns_text(), *info.dns_addresses())
-                for record in (info.dns_pointer(), *records) if pointer else records:
-                    out.add_answer_at_time(record, 0)
-                zc.send(out)
-
-            await trio.to_thread.run_sync(late_answer)
-            await trio.sleep(wait)
+            yield harness, a, b, recorder
     finally:
         await harness.aclose()
+
+
+async def _late_answer_after_a_goodbye(*, pointer: bool, wait: float) -> tuple[Recorder, Member]:
+    """Members a and b; a says goodbye (its responder withdraws but stays open), then
+    sends its SRV, TXT and address records (and its pointer, if ``pointer``) as an
+    answer already on the wire would; ``wait`` seconds later, the recorder and b."""
+    async with _two_members() as (harness, a, b, recorder):
+        zc, info, announcing = harness.responders[a.node_id]
+        await trio.to_thread.run_sync(withdraw, zc, info, announcing)  # goodbye, still open
+        await recorder.wait_for([b], harness.within)
+
+        def late_answer() -> None:
+            out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+            records = (info.dns_service(), info.dns_text(), *info.dns_addresses())
+            for record in (info.dns_pointer(), *records) if pointer else records:
+                out.add_answer_at_time(record, 0)
+            zc.send(out)
+
+        await trio.to_thread.run_sync(late_answer)
+        await trio.sleep(wait)
     return recorder, b
 
 
@@ -645,17 +654,8 @@ async def test_mdns_a_late_pointer_after_a_goodbye_does_not_bring_a_member_back(
 async def test_mdns_a_member_that_leaves_and_comes_back_at_once_is_back() -> None:
     # The other side of the doubt: a node that really returns right after its goodbye
     # answers the check's question, and is taken back.
-    harness = MdnsHarness()
-    a, b = harness.member(0), harness.member(1)
-    await harness.add(a)
-    await harness.add(b)
-    recorder = Recorder(harness.self_member)
-    try:
-        async with running(harness.discovery(), recorder):
-            await recorder.wait_for(by_id(a, b), harness.within)
-            await harness.remove(a)
-            await recorder.wait_for([b], harness.within)
-            await harness.add(a)
-            await recorder.wait_for(by_id(a, b), harness.within + RETURN_ASKS * RETURN_ASK_EVERY)
-    finally:
-        await harness.aclose()
+    async with _two_members() as (harness, a, b, recorder):
+        await harness.remove(a)
+        await recorder.wait_for([b], harness.within)
+        await harness.add(a)
+        await recorder.wait_for(by_id(a, b), harness.within + RETURN_ASKS * RETURN_ASK_EVERY)
