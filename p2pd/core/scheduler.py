@@ -56,6 +56,7 @@ actions.
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -189,6 +190,10 @@ class Scheduler:
         self._rng, self._backoff = rng, busy_backoff
         self._resting: dict[PeerId, float] = {}  # busy peers: not asked before
         self._rest_heap: list[tuple[float, PeerId]] = []
+        # tick has nothing to do before this: at most the earliest request timeout, end
+        # of a rest or upstream hold (lowered as they are set, made exact by each tick
+        # that runs); most turns come before it, and tick then reads none of the three
+        self._tick_at = math.inf
         self._threshold = endgame_size(n) if endgame_threshold is None else endgame_threshold
         self._copies, self._batch = endgame_copies, upstream_batch
         self._window, self._retry = sequential_window, upstream_retry_delay
@@ -303,6 +308,8 @@ class Scheduler:
             if until > self._resting.get(peer_id, 0.0):
                 self._resting[peer_id] = until
                 heapq.heappush(self._rest_heap, (until, peer_id))
+                if until < self._tick_at:
+                    self._tick_at = until
             self._dirty.pop(peer_id, None)
             self._idle.pop(peer_id, None)
             self._starved.pop(peer_id, None)
@@ -323,8 +330,10 @@ class Scheduler:
         if self._upstream >> index & 1:
             self._upstream ^= 1 << index
             if self._state[index] != _HELD:
-                self._hold[index] = now + self._retry
+                self._hold[index] = until = now + self._retry
                 self._hold_mask |= 1 << index
+                if until < self._tick_at:
+                    self._tick_at = until
                 self._settle(index)
 
     def set_max_in_flight(self, limit: int) -> None:
@@ -343,6 +352,8 @@ class Scheduler:
 
     def tick(self, now: float) -> None:
         """Expire requests without progress for ``request_timeout``; end upstream holds."""
+        if now < self._tick_at:
+            return
         asked = self._asked
         if asked.due(now):
             for peer_id, index in asked.expire(now):
@@ -362,6 +373,8 @@ class Scheduler:
                 if when <= now:
                     del self._hold[index]
                     self._hold_mask ^= 1 << index
+        deadline = self.next_deadline()
+        self._tick_at = math.inf if deadline is None else deadline
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -657,6 +670,8 @@ class Scheduler:
             if index is None:
                 break
             asked.add(peer_id, index, now)
+            if now + asked.timeout < self._tick_at:
+                self._tick_at = now + asked.timeout
             if self._state[index] == _PENDING:
                 self._unpend(index)
             self._sent += 1

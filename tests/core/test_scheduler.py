@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -415,6 +416,48 @@ def test_a_failed_upstream_piece_waits_before_the_retry() -> None:
     assert sched.next_deadline() == 6.0
     sched.tick(6.0)
     assert upstream(sched.next_actions(6.0)) == [1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32), steps=st.lists(st.tuples(
+    st.sampled_from(["busy", "refuse", "piece", "progress", "fail", "update", "nothing"]),
+    st.sampled_from("abc"), st.integers(0, 7), st.floats(0.0, 0.6)), max_size=40))
+def test_ticks_that_come_before_anything_is_due_change_nothing(
+        seed: int, steps: list[tuple[str, str, int, float]]) -> None:
+    """A tick before the earliest timeout, rest or upstream hold returns at once; one
+    made to look every time (``_tick_at`` cleared) asks for exactly the same things."""
+    options = {"max_in_flight_per_peer": 2, "request_timeout": 1.0, "busy_backoff": 0.5,
+               "upstream_retry_delay": 0.7, "upstream_range": range(4)}
+    quick, full = make(8, seed, **options), make(8, seed, **options)
+    asked: list[tuple[str, int]] = []
+    upstream_asked: list[int] = []
+    now = 0.0
+    for kind, peer, pick, step in steps:
+        now += step
+        for sched in (quick, full):
+            if kind == "update":
+                sched.peer_update(peer, range(pick, 8), pick == 0, now)
+            elif kind == "fail" and upstream_asked:
+                sched.upstream_failed(upstream_asked[pick % len(upstream_asked)], now)
+            elif kind != "nothing" and asked:
+                holder, index = asked[pick % len(asked)]
+                if kind == "busy":
+                    sched.busy(holder, index, now)
+                elif kind == "refuse":
+                    sched.refused(holder, index, now)
+                elif kind == "piece":
+                    sched.piece_received(holder, index, True, now)
+                elif kind == "progress":
+                    sched.progress(holder, index, now)
+        full._tick_at = -math.inf  # look at every timeout, rest and hold
+        full.tick(now)
+        quick.tick(now)
+        actions = quick.next_actions(now)
+        assert full.next_actions(now) == actions
+        assert quick.next_deadline() == full.next_deadline()
+        assert quick.statistics() == full.statistics()
+        asked += [(a.peer_id, a.index) for a in actions if isinstance(a, RequestPiece)]
+        upstream_asked += upstream(actions)
 
 
 def test_a_piece_whose_only_holder_left_becomes_an_upstream_candidate() -> None:
