@@ -47,7 +47,11 @@ class InFlight:
             raise ValueError("max_per_peer must be at least 1 and timeout positive")
         self.max_per_peer, self.timeout = max_per_peer, timeout
         self._by_peer: dict[PeerId, dict[int, _Request]] = {}
-        self._by_piece: dict[int, list[PeerId]] = {}  # lists: deterministic order
+        # the peers asked for a piece, in the order asked: the first, then any others
+        # (only the endgame asks twice; a list per request cost an object made and
+        # freed, where a piece's one asker is a dict entry)
+        self._first: dict[int, PeerId] = {}
+        self._others: dict[int, list[PeerId]] = {}
         self._allowance: dict[PeerId, int] = {}  # absent: max_per_peer
         self._timers: deque[_Request] = deque()  # by deadline, then when queued
         self._count = 0
@@ -57,7 +61,7 @@ class InFlight:
 
     def __contains__(self, index: object) -> bool:
         """Whether piece ``index`` is asked from some peer."""
-        return index in self._by_piece
+        return index in self._first
 
     def add(self, peer_id: PeerId, index: int, now: float) -> None:
         """Record that ``peer_id`` was asked for ``index`` at ``now``."""
@@ -67,10 +71,13 @@ class InFlight:
         if requests is None:
             requests = self._by_peer[peer_id] = {}
         requests[index] = request
-        askers = self._by_piece.get(index)
-        if askers is None:
-            askers = self._by_piece[index] = []
-        askers.append(peer_id)
+        if index not in self._first:
+            self._first[index] = peer_id
+        else:
+            others = self._others.get(index)
+            if others is None:
+                others = self._others[index] = []
+            others.append(peer_id)
         self._push(now + self.timeout, request)
         self._count += 1
 
@@ -83,10 +90,16 @@ class InFlight:
         request.alive = False
         if not requests:  # a peer asked for nothing keeps no entry (10,000 nodes' worth)
             del self._by_peer[peer_id]
-        askers = self._by_piece[index]
-        askers.remove(peer_id)
-        if not askers:
-            del self._by_piece[index]
+        others = self._others.get(index) if self._others else None
+        if others is None:  # its only asker
+            del self._first[index]
+        else:
+            if self._first[index] == peer_id:
+                self._first[index] = others.pop(0)
+            else:
+                others.remove(peer_id)
+            if not others:
+                del self._others[index]
         self._count -= 1
         return True
 
@@ -101,7 +114,11 @@ class InFlight:
 
     def askers(self, index: int) -> tuple[PeerId, ...]:
         """The peers asked for ``index``, in the order they were asked."""
-        return tuple(self._by_piece.get(index, ()))
+        first = self._first.get(index)
+        if first is None:
+            return ()
+        others = self._others.get(index) if self._others else None
+        return (first,) if others is None else (first, *others)
 
     def asked(self, peer_id: PeerId, index: int) -> bool:
         """Whether ``peer_id`` is asked for ``index``."""

@@ -580,6 +580,21 @@ def test_in_flight_book() -> None:
         InFlight(max_per_peer=0, timeout=1.0)
 
 
+def test_in_flight_askers_keep_the_order_asked_as_any_of_them_leaves() -> None:
+    book = InFlight(max_per_peer=2, timeout=5.0)
+    for peer in "abcd":
+        book.add(peer, 3, 0.0)
+    assert book.remove("a", 3)  # the first: the next in line takes its place
+    assert book.askers(3) == ("b", "c", "d")
+    assert book.remove("c", 3) and not book.remove("c", 3)
+    assert book.askers(3) == ("b", "d") and 3 in book
+    assert book.remove("b", 3) and book.askers(3) == ("d",)
+    assert book.remove("d", 3)
+    assert book.askers(3) == () and 3 not in book and len(book) == 0
+    book.add("c", 3, 1.0)
+    assert book.askers(3) == ("c",) and book.forget("c") == [3] and 3 not in book
+
+
 def test_in_flight_timeouts_expire_in_deadline_order_restarted_ones_included() -> None:
     """A timeout restarted by progress takes its place among the later ones: the
     requests expire by deadline, and those due together in the order they were set."""
