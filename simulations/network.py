@@ -488,9 +488,9 @@ def _fill_rates(region: list[Flow]) -> None:
         _fill_by_heap(seen)
     else:
         _fill_by_scan(seen)
-    for resource in seen:
+    for resource in seen:  # emptied, not replaced: no list made and freed per resource
         resource.number = -1
-        resource.members = []
+        resource.members.clear()
     for flow in region:
         if flow.fixed < 0:
             flow.fixed = 0.0
@@ -501,7 +501,7 @@ def _join(resource: Resource, flow: Flow, seen: list[Resource]) -> None:
     if resource.number < 0:
         resource.number = len(seen)
         seen.append(resource)
-        resource.members = [flow]
+        resource.members.append(flow)  # (empty: left so by the last _fill_rates)
         resource.avail = resource.capacity - resource.total + flow.rate
         resource.left = 1
     else:
