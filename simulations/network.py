@@ -91,7 +91,8 @@ class Resource:
 class Host:
     """A node or the registry: uplink, downlink and the one-way latency of its link."""
 
-    __slots__ = ("down", "downs", "latency", "name", "part", "up")
+    __slots__ = ("counts", "down", "downs", "latency", "name", "part", "reported", "sharing",
+                 "up")
 
     def __init__(self, name: str, up: float, down: float, latency: float,
                  part: int = 0, parts: int = 1) -> None:
@@ -107,6 +108,13 @@ class Host:
         self.downs = [self.down]
         if parts > 1 and down != _INF:
             self.downs += [Resource(f"{name}/down@{k}", down) for k in range(1, parts)]
+        # and Network.share_reports' and reshare's book of them (kept here, not in dicts
+        # by host, as they are read for every host reported in every window): the
+        # partitions' flows here as last reported (empty: none yet), ours as last
+        # reported, and whether ours changed since (in ``Network._shares``)
+        self.counts: list[int] = []
+        self.reported = 0
+        self.sharing = False
 
 
 class Flow:
@@ -158,9 +166,7 @@ class Network:
         self.exact = exact
         self.parts = parts
         self.part = 0  # partitioned: the partition whose flows these are
-        self._shares: dict[Host, None] = {}  # downlinks our flows changed on
-        self._known: dict[str, list[int]] = {}  # the partitions' last reports, by host
-        self._reported: dict[Host, int] = {}  # ours
+        self._shares: list[Host] = []  # downlinks our flows changed on (Host.sharing)
         self._watched: dict[Resource, list[tuple[float, float]]] = {}
         self._sent: dict[Resource, float] = {}  # watched: bytes of flows that ended
         self.hosts: dict[str, Host] = {}
@@ -256,8 +262,10 @@ class Network:
                 self._dirty.append(resource)
         if self._reflow is None:
             self._reflow = self.engine.schedule(0.0, self._recompute)
-        if len(flow.dst.downs) > 1:  # its downlink is to be shared out again (share_reports)
-            self._shares[flow.dst] = None
+        dst = flow.dst
+        if len(dst.downs) > 1 and not dst.sharing:  # to be shared out again (share_reports)
+            dst.sharing = True
+            self._shares.append(dst)
 
     def share_reports(self) -> dict[str, int]:
         """How many of this partition's flows go to each host where that changed since
@@ -265,19 +273,20 @@ class Network:
         counts). Only where it tells the others something: where another partition
         sends too, or where we begin or cease to send (a partition alone at a downlink
         has all of it)."""
-        shares, self._shares = self._shares, {}
+        shares, self._shares = self._shares, []
         reports: dict[str, int] = {}
-        last, known, part = self._reported, self._known, self.part
+        part = self.part
         for host in shares:
+            host.sharing = False
             count = len(host.downs[part].flows)
-            before = last.get(host, 0)
+            before = host.reported
             if count == before:
                 continue
             if count and before:
-                others = known.get(host.name)
-                if others is None or not any(n for k, n in enumerate(others) if k != part):
+                others = host.counts
+                if not any(n for k, n in enumerate(others) if k != part):
                     continue  # alone there: ours whatever we do
-            last[host] = count
+            host.reported = count
             reports[host.name] = count
         return reports
 
@@ -296,20 +305,22 @@ class Network:
         partitions' flows never carry more than the link: its flows get max-min fair
         rates within it, none above the rate it had (:func:`_fitted_rates`; what that frees
         at their uplinks waits for the next change there, by the same rule)."""
-        known, hosts, me, shares = self._known, self.hosts, self.part, self._shares
+        hosts, me, shares = self.hosts, self.part, self._shares
         changed: dict[Host, None] = {}
         for part, part_reports in enumerate(reports):
             for name, report in part_reports.items():
-                host, counts = hosts[name], known.get(name)
-                if counts is None:
-                    counts = known[name] = [0] * self.parts
+                host = hosts[name]
+                counts = host.counts
+                if not counts:
+                    counts = host.counts = [0] * self.parts
                 counts[part] = report
                 changed[host] = None
-                if part != me and host.downs[me].flows:
-                    shares[host] = None  # ours there: tell them next time
+                if part != me and host.downs[me].flows and not host.sharing:
+                    host.sharing = True  # ours there: tell them next time
+                    shares.append(host)
         for host in changed:
             resource = host.downs[me]
-            size = size_share(known[host.name], me, host.down.full)
+            size = size_share(host.counts, me, host.down.full)
             if abs(size - resource.capacity) > _RESIZE * resource.full:
                 resource.capacity = size
                 if resource.total > size * (1 + _EPSILON):
