@@ -822,9 +822,12 @@ class BlobDownload:
             self._complete()
             return
         # the daemon's loop looks at the clock at least every LOOKUP_INTERVAL
-        deadline = min(sched.next_deadline() or math.inf, self.next_lookup,
-                       now + LOOKUP_INTERVAL)
-        at, wake = max(deadline, now + MIN_WAIT), self._wake
+        wake, soonest = self._wake, min(self.next_lookup, now + LOOKUP_INTERVAL)
+        if wake is not None and now < wake.time <= max(min(sched.quiet_until, soonest),
+                                                       now + MIN_WAIT):
+            return  # as below, with a bound no later than next_deadline(): no timer read
+        deadline = min(sched.next_deadline() or math.inf, soonest)
+        at = max(deadline, now + MIN_WAIT)
         if wake is not None and now < wake.time <= at:
             return  # an earlier turn is due anyway; it sets the next one
         if wake is not None:

@@ -446,6 +446,13 @@ class Scheduler:
         return deadline
 
     @property
+    def quiet_until(self) -> float:
+        """No request times out, rest ends or upstream hold ends before this (infinite:
+        none is timed): a lower bound on :meth:`next_deadline`, read without looking at
+        the timers (it is exact after a :meth:`tick` that had something to do)."""
+        return self._tick_at
+
+    @property
     def done(self) -> bool:
         """Whether every piece is held."""
         return self._held == self._n

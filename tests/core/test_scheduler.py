@@ -425,7 +425,8 @@ def test_a_failed_upstream_piece_waits_before_the_retry() -> None:
 def test_ticks_that_come_before_anything_is_due_change_nothing(
         seed: int, steps: list[tuple[str, str, int, float]]) -> None:
     """A tick before the earliest timeout, rest or upstream hold returns at once; one
-    made to look every time (``_tick_at`` cleared) asks for exactly the same things."""
+    made to look every time (``_tick_at`` cleared) asks for exactly the same things.
+    ``quiet_until`` is never later than the next deadline."""
     options = {"max_in_flight_per_peer": 2, "request_timeout": 1.0, "busy_backoff": 0.5,
                "upstream_retry_delay": 0.7, "upstream_range": range(4)}
     quick, full = make(8, seed, **options), make(8, seed, **options)
@@ -455,6 +456,8 @@ def test_ticks_that_come_before_anything_is_due_change_nothing(
         actions = quick.next_actions(now)
         assert full.next_actions(now) == actions
         assert quick.next_deadline() == full.next_deadline()
+        deadline = quick.next_deadline()
+        assert quick.quiet_until <= (math.inf if deadline is None else deadline)
         assert quick.statistics() == full.statistics()
         asked += [(a.peer_id, a.index) for a in actions if isinstance(a, RequestPiece)]
         upstream_asked += upstream(actions)
