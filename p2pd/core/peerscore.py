@@ -31,12 +31,16 @@ PeerId = str
 
 
 class _Request:
-    __slots__ = ("alive", "deadline", "index", "last", "peer_id")
+    __slots__ = ("alive", "deadline", "index", "last", "peer_id", "seq")
 
-    def __init__(self, peer_id: PeerId, index: int, now: float) -> None:
-        self.peer_id, self.index = peer_id, index
+    def __init__(self, peer_id: PeerId, index: int, now: float, seq: int) -> None:
+        self.peer_id, self.index, self.seq = peer_id, index, seq
         self.last, self.alive = now, True
         self.deadline = 0.0  # its timeout, while in InFlight._timers
+
+
+def _sent_order(request: _Request) -> int:
+    return request.seq
 
 
 class InFlight:
@@ -46,15 +50,16 @@ class InFlight:
         if max_per_peer < 1 or timeout <= 0:
             raise ValueError("max_per_peer must be at least 1 and timeout positive")
         self.max_per_peer, self.timeout = max_per_peer, timeout
-        self._by_peer: dict[PeerId, dict[int, _Request]] = {}
-        # the peers asked for a piece, in the order asked: the first, then any others
-        # (only the endgame asks twice; a list per request cost an object made and
-        # freed, where a piece's one asker is a dict entry)
-        self._first: dict[int, PeerId] = {}
-        self._others: dict[int, list[PeerId]] = {}
+        # A piece's requests in the order sent: the first, then any others (only the
+        # endgame asks twice); of a peer, only how many. (A dict of each peer's requests
+        # was made and dropped whenever the peer's count went from 0 to 1 and back,
+        # and a list of askers per piece for every request.)
+        self._first: dict[int, _Request] = {}
+        self._others: dict[int, list[_Request]] = {}
+        self._pending: dict[PeerId, int] = {}  # absent: none (10,000 nodes' worth)
         self._allowance: dict[PeerId, int] = {}  # absent: max_per_peer
         self._timers: deque[_Request] = deque()  # by deadline, then when queued
-        self._count = 0
+        self._count = self._sent = 0
 
     def __len__(self) -> int:
         return self._count
@@ -64,51 +69,63 @@ class InFlight:
         return index in self._first
 
     def add(self, peer_id: PeerId, index: int, now: float) -> None:
-        """Record that ``peer_id`` was asked for ``index`` at ``now``."""
-        request = _Request(peer_id, index, now)
-        # (get, not setdefault: its default would be made, and dropped, on every call)
-        requests = self._by_peer.get(peer_id)
-        if requests is None:
-            requests = self._by_peer[peer_id] = {}
-        requests[index] = request
+        """Record that ``peer_id`` was asked for ``index`` at ``now`` (not asked for it
+        already)."""
+        self._sent += 1
+        request = _Request(peer_id, index, now, self._sent)
         if index not in self._first:
-            self._first[index] = peer_id
+            self._first[index] = request
         else:
             others = self._others.get(index)
             if others is None:
                 others = self._others[index] = []
-            others.append(peer_id)
+            others.append(request)
+        self._pending[peer_id] = self._pending.get(peer_id, 0) + 1
         self._push(now + self.timeout, request)
         self._count += 1
 
     def remove(self, peer_id: PeerId, index: int) -> bool:
         """Forget the request for ``index`` from ``peer_id``; whether there was one."""
-        requests = self._by_peer.get(peer_id)
-        request = None if requests is None else requests.pop(index, None)
+        request = self._first.get(index)
         if request is None:
             return False
-        request.alive = False
-        if not requests:  # a peer asked for nothing keeps no entry (10,000 nodes' worth)
-            del self._by_peer[peer_id]
         others = self._others.get(index) if self._others else None
-        if others is None:  # its only asker
-            del self._first[index]
-        else:
-            if self._first[index] == peer_id:
+        if request.peer_id == peer_id:
+            if others is None:
+                del self._first[index]
+            else:  # the next one asked takes its place
                 self._first[index] = others.pop(0)
+        else:
+            if others is None:
+                return False
+            for place, other in enumerate(others):  # noqa: B007 (used after the loop)
+                if other.peer_id == peer_id:
+                    break
             else:
-                others.remove(peer_id)
-            if not others:
-                del self._others[index]
+                return False
+            request = others.pop(place)
+        if others is not None and not others:
+            del self._others[index]
+        request.alive = False
+        left = self._pending[peer_id] - 1
+        if left:
+            self._pending[peer_id] = left
+        else:
+            del self._pending[peer_id]
         self._count -= 1
         return True
 
     def forget(self, peer_id: PeerId) -> list[int]:
-        """Drop every request to ``peer_id`` and its allowance; the pieces it was asked for."""
-        indices = list(self._by_peer.get(peer_id, ()))
+        """Drop every request to ``peer_id`` and its allowance; the pieces it was asked
+        for, in the order asked."""
+        indices = []
+        if peer_id in self._pending:
+            mine = [r for r in self._first.values() if r.peer_id == peer_id]
+            mine += [r for rs in self._others.values() for r in rs if r.peer_id == peer_id]
+            mine.sort(key=_sent_order)
+            indices = [r.index for r in mine]
         for index in indices:
             self.remove(peer_id, index)
-        self._by_peer.pop(peer_id, None)
         self._allowance.pop(peer_id, None)
         return indices
 
@@ -118,21 +135,23 @@ class InFlight:
         if first is None:
             return ()
         others = self._others.get(index) if self._others else None
-        return (first,) if others is None else (first, *others)
+        if others is None:
+            return (first.peer_id,)
+        return (first.peer_id, *[other.peer_id for other in others])
 
     def asked(self, peer_id: PeerId, index: int) -> bool:
         """Whether ``peer_id`` is asked for ``index``."""
-        return index in self._by_peer.get(peer_id, ())
+        return self._find(peer_id, index) is not None
 
     def pending_of(self, peer_id: PeerId) -> int:
         """How many requests ``peer_id`` has in flight."""
-        return len(self._by_peer.get(peer_id, ()))
+        return self._pending.get(peer_id, 0)
 
     def free(self, peer_id: PeerId) -> int:
         """How many more requests ``peer_id`` may be sent now (0 or more)."""
         allowance = self._allowance.get(peer_id, self.max_per_peer) if self._allowance \
             else self.max_per_peer  # (none lowered: the usual case, one lookup saved)
-        return max(0, allowance - len(self._by_peer.get(peer_id, ())))
+        return max(0, allowance - self._pending.get(peer_id, 0))
 
     def delivered(self, peer_id: PeerId) -> None:
         """``peer_id`` delivered a requested piece: its allowance grows by one."""
@@ -144,9 +163,18 @@ class InFlight:
 
     def progress(self, peer_id: PeerId, index: int, now: float) -> None:
         """Bytes of ``index`` are arriving from ``peer_id``: restart its timeout."""
-        request = self._by_peer.get(peer_id, {}).get(index)
+        request = self._find(peer_id, index)
         if request is not None:
             request.last = now
+
+    def _find(self, peer_id: PeerId, index: int) -> _Request | None:
+        request = self._first.get(index)
+        if request is None or request.peer_id == peer_id:
+            return request
+        for other in self._others.get(index, ()) if self._others else ():
+            if other.peer_id == peer_id:
+                return other
+        return None
 
     def due(self, now: float) -> bool:
         """Whether :meth:`expire` may have something to do at ``now`` (cheap)."""

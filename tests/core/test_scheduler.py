@@ -598,6 +598,19 @@ def test_in_flight_askers_keep_the_order_asked_as_any_of_them_leaves() -> None:
     assert book.askers(3) == ("c",) and book.forget("c") == [3] and 3 not in book
 
 
+def test_in_flight_forget_gives_a_peers_pieces_in_the_order_asked() -> None:
+    book = InFlight(max_per_peer=4, timeout=5.0)
+    book.add("q", 3, 0.0)
+    book.add("p", 5, 1.0)
+    book.add("p", 3, 2.0)  # a second copy of 3 (the endgame): q was asked first
+    book.add("p", 1, 2.0)
+    book.progress("p", 3, 4.0)  # its timeout restarts, q's does not
+    assert book.pending_of("p") == 3 and book.free("p") == 1
+    assert book.expire(5.0) == [("q", 3)] and book.askers(3) == ("p",)
+    assert book.forget("p") == [5, 3, 1]
+    assert len(book) == 0 and book.pending_of("p") == 0 and book.askers(3) == ()
+
+
 def test_in_flight_timeouts_expire_in_deadline_order_restarted_ones_included() -> None:
     """A timeout restarted by progress takes its place among the later ones: the
     requests expire by deadline, and those due together in the order they were set."""
