@@ -302,7 +302,7 @@ class Scheduler:
         self._check(index)
         if peer_id in self._masks:
             self._refusals += 1
-            self._retire(peer_id, index)
+            self._asked.remove(peer_id, index)  # (_retire would mark it dirty: undone below)
             self._settle(index)
             until = now + self._backoff * (0.5 + self._rng.random())
             if until > self._resting.get(peer_id, 0.0):
@@ -599,7 +599,8 @@ class Scheduler:
 
     def _pend(self, index: int) -> None:
         count, buckets, bit = self._partial[index], self._buckets, 1 << self._rank[index]
-        buckets.extend([0] * (count + 1 - len(buckets)))
+        while len(buckets) <= count:  # (not extend([0] * ...): a list made every time)
+            buckets.append(0)
         buckets[count] |= bit
         self._pending_bits |= bit
         if not count:
