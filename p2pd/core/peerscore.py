@@ -51,9 +51,9 @@ class InFlight:
             raise ValueError("max_per_peer must be at least 1 and timeout positive")
         self.max_per_peer, self.timeout = max_per_peer, timeout
         # A piece's requests in the order sent: the first, then any others (only the
-        # endgame asks twice); of a peer, only how many. (A dict of each peer's requests
-        # was made and dropped whenever the peer's count went from 0 to 1 and back,
-        # and a list of askers per piece for every request.)
+        # endgame asks twice); of a peer, only how many. (Not a dict of requests per
+        # peer: it would be made and dropped each time the peer's count goes from 0 to 1
+        # and back, a few times per peer and blob; nor a list of askers per request.)
         self._first: dict[int, _Request] = {}
         self._others: dict[int, list[_Request]] = {}
         self._pending: dict[PeerId, int] = {}  # absent: none (10,000 nodes' worth)

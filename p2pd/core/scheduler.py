@@ -48,7 +48,8 @@ Speed: piece sets are ints used as bitsets (bit = the piece's random rank), pend
 pieces sit in buckets by availability, so a pick is a few ANDs; counts change
 incrementally and complete peers are one shared count. Only peers whose situation
 changed are reconsidered, and one holding nothing pending (nor, in the endgame, anything
-that may take another copy) is passed over with one AND. Iteration is over dicts and
+that may take another copy) is passed over with one AND. A :meth:`~Scheduler.tick` before
+the earliest timeout, rest or hold returns at once (a bound kept as they are set). Iteration is over dicts and
 ints, never sets of peer ids, so a seed plus a sequence of events determines the
 actions.
 """
@@ -351,7 +352,9 @@ class Scheduler:
         self._range_mask = ((1 << stop) - 1) ^ ((1 << start) - 1)
 
     def tick(self, now: float) -> None:
-        """Expire requests without progress for ``request_timeout``; end upstream holds."""
+        """Expire requests without progress for ``request_timeout``; end rests and
+        upstream holds. Before :attr:`quiet_until` there is nothing to do, and nothing is
+        read."""
         if now < self._tick_at:
             return
         asked = self._asked
