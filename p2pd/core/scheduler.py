@@ -49,9 +49,9 @@ pieces sit in buckets by availability, so a pick is a few ANDs; counts change
 incrementally and complete peers are one shared count. Only peers whose situation
 changed are reconsidered, and one holding nothing pending (nor, in the endgame, anything
 that may take another copy) is passed over with one AND. A :meth:`~Scheduler.tick` before
-the earliest timeout, rest or hold returns at once (a bound kept as they are set). Iteration is over dicts and
-ints, never sets of peer ids, so a seed plus a sequence of events determines the
-actions.
+the earliest timeout, rest or hold returns at once (a bound kept as they are set).
+Iteration is over dicts and ints, never sets of peer ids, so a seed plus a sequence of
+events determines the actions.
 """
 
 from __future__ import annotations
