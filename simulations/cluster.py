@@ -28,11 +28,12 @@ import math
 import random
 import sys
 import time
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import cast
+from typing import Final, cast
 
 from p2pd.core.membership import Member, coordinator_for
 from p2pd.core.pieces import PieceLayout
@@ -310,23 +311,78 @@ def pick_victims(scenario: Scenario, names: list[str]) -> list[str]:
     return random.Random(scenario.seed ^ 0xFA11).sample(names, scenario.failures)
 
 
-Posts = list[object]
-"""One window's posts to another partition, flat (no tuple per message: fewer objects
-for ``marshal`` to write and read): for each, when it is due there, the node's name
-(empty: the cluster), the method, how many arguments, then the arguments."""
+# What a window's message to another partition's node is (the first of its ints). The
+# common ones travel as ints, read when they are due (no object made for them until
+# then); the rest as their method's name and arguments (``Box.extra``).
+_GENERIC: Final = 0  # Box.extra: the node's name (empty: the cluster), method, count, args
+_REQUESTS: Final = 1  # target, asker, blob, count, the pieces
+_PIECE: Final = 2  # target, holder, blob, piece, the holder's bits (fewer than 63)
+_REFUSALS: Final = 3  # target, holder, blob, count, each piece * 2 + whether busy
+
+
+class Box:
+    """One window's posts to another partition, in the order sent: for each, when it
+    is due there (``times``), what it is (``ints``: see :data:`_REQUESTS` and the
+    rest) and, for the uncommon ones, its method and arguments (``extra``). Flat
+    lists, not an object per message: ``marshal`` writes the numbers as two arrays'
+    bytes (:meth:`wire`), and the other side reads them where they are due
+    (:meth:`Cluster.deliver`) instead of unmarshalling millions of small objects."""
+
+    __slots__ = ("extra", "ints", "times")
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.ints: list[int] = []
+        self.extra: list[object] = []
+
+    def wire(self) -> Wire:
+        """What crosses to the other partition: the times' and ints' bytes (machine
+        order: both processes run on this machine), and the uncommon messages."""
+        return (array("d", self.times).tobytes(), array("q", self.ints).tobytes(),
+                self.extra)
+
+
+Wire = tuple[bytes, bytes, list[object]]
+"""A window's :class:`Box` as sent (:meth:`Box.wire`)."""
 
 
 class Post:
-    """A message from another partition for its node: the engine's callback when due
-    (its arguments: ``count`` of ``box`` from ``at``, read in place)."""
+    """An uncommon message from another partition for its node: the engine's callback
+    when due (its arguments: ``count`` of ``box`` from ``at``, read in place)."""
 
     __slots__ = ("at", "box", "count", "method", "node")
 
-    def __init__(self, node: SimNode, method: str, box: Posts, at: int, count: int) -> None:
+    def __init__(self, node: SimNode, method: str, box: list[object], at: int,
+                 count: int) -> None:
         self.node, self.method, self.box, self.at, self.count = node, method, box, at, count
 
     def __call__(self) -> None:
         self.node.receive(self.method, self.box, self.at, self.count)
+
+
+class Arrival:
+    """A common message from another partition for its node (requests, a piece,
+    refusals): the engine's callback when due, reading its ints from ``at`` on."""
+
+    __slots__ = ("at", "code", "ints", "node")
+
+    def __init__(self, node: SimNode, code: int, ints: array[int], at: int) -> None:
+        self.node, self.code, self.ints, self.at = node, code, ints, at
+
+    def __call__(self) -> None:
+        node, ints, at = self.node, self.ints, self.at
+        cluster = node.cluster
+        sender = cluster.by_index[ints[at]]
+        digest = cluster.digests[ints[at + 1]]
+        code = self.code
+        if code == _PIECE:
+            node.piece(sender.name, digest, ints[at + 2], ints[at + 3])
+        elif code == _REQUESTS:
+            node.on_requests(sender, digest,
+                             [ints[i] for i in range(at + 3, at + 3 + ints[at + 2])])
+        else:
+            node.refusals(sender.name, digest, [
+                (ints[i] >> 1, bool(ints[i] & 1)) for i in range(at + 3, at + 3 + ints[at + 2])])
 
 
 class Cluster:
@@ -340,7 +396,7 @@ class Cluster:
         self.part = part
         self.partitioned = scenario.partitions > 1
         self.window = 2 * scenario.latency  # the shortest latency between partitions
-        self.outbox: list[Posts] = [[] for _ in range(scenario.partitions)]
+        self.outbox = [Box() for _ in range(scenario.partitions)]
         self.soonest_post = math.inf  # the earliest ``at`` in the outbox
         self.engine = Engine(scenario.seed)
         self.network = Network(self.engine, exact=scenario.exact, parts=scenario.partitions)
@@ -350,12 +406,15 @@ class Cluster:
         self._egress = self.network.watch(self.registry)
         self.registry_latency = scenario.registry_latency
         self.blobs = scenario.blobs()
+        self.digests = [blob.digest for blob in self.blobs]  # a message's blob: its place
+        self._blob_index = {digest: i for i, digest in enumerate(self.digests)}
         self.nodes: dict[str, SimNode] = {}
         for i, name in enumerate(node_names(scenario)):
             host = self.network.add_host(name, up=scenario.up, down=scenario.down,
                                          latency=scenario.latency,
                                          part=i % scenario.partitions)
             self.nodes[name] = SimNode(self, name, host, self.engine.child_rng())
+        self.by_index = list(self.nodes.values())  # a message's node: its ``index``
         self._members = [Member(name, name) for name in self.nodes]
         self._coordinators: dict[str, SimNode] = {}
         self.rollout = Rollout(scenario, self.engine, list(self.nodes), self._start)
@@ -381,40 +440,98 @@ class Cluster:
              args: tuple[object, ...]) -> None:
         """Have partition ``part`` run ``method(*args)`` of its node ``name`` (of the
         cluster, if empty) at ``at``, at least a window from now."""
+        box = self._box(at, part)
+        box.ints.append(_GENERIC)
+        extra = box.extra
+        extra.append(name)
+        extra.append(method)
+        extra.append(len(args))
+        for arg in args:  # (extend() takes a slice assignment's path: slower for a few)
+            extra.append(arg)
+
+    def post_requests(self, at: float, to: SimNode, asker: SimNode, digest: str,
+                      indices: list[int]) -> None:
+        """:meth:`post` of ``to.on_requests(asker, digest, indices)``."""
+        ints = self._box(at, to.host.part).ints
+        ints.append(_REQUESTS)
+        ints.append(to.index)
+        ints.append(asker.index)
+        ints.append(self._blob_index[digest])
+        ints.append(len(indices))
+        for index in indices:
+            ints.append(index)
+
+    def post_piece(self, at: float, to: SimNode, holder: SimNode, digest: str, index: int,
+                   bits: int) -> None:
+        """:meth:`post` of ``to.piece(holder.name, digest, index, bits)``."""
+        if bits >> 62:  # (not an int of the array: a blob of more than 62 pieces)
+            self.post(at, to.host.part, to.name, "piece", (holder.name, digest, index, bits))
+            return
+        ints = self._box(at, to.host.part).ints
+        ints.append(_PIECE)
+        ints.append(to.index)
+        ints.append(holder.index)
+        ints.append(self._blob_index[digest])
+        ints.append(index)
+        ints.append(bits)
+
+    def post_refusals(self, at: float, to: SimNode, holder: SimNode, digest: str,
+                      refusals: Sequence[tuple[int, bool]]) -> None:
+        """:meth:`post` of ``to.refusals(holder.name, digest, refusals)``."""
+        ints = self._box(at, to.host.part).ints
+        ints.append(_REFUSALS)
+        ints.append(to.index)
+        ints.append(holder.index)
+        ints.append(self._blob_index[digest])
+        ints.append(len(refusals))
+        for index, busy in refusals:
+            ints.append(index * 2 + busy)
+
+    def _box(self, at: float, part: int) -> Box:
+        """The box to partition ``part``, with ``at`` the time of a message put in it."""
         if not at >= self.engine.now + self.window * (1 - 1e-9):
             raise ValueError(f"a message for {at} is due within a window of {self.engine.now}")
-        box = self.outbox[part]
-        box.append(at)
-        box.append(name)
-        box.append(method)
-        box.append(len(args))
-        for arg in args:  # (extend() takes a slice assignment's path: slower for a few)
-            box.append(arg)
         if at < self.soonest_post:
             self.soonest_post = at
+        box = self.outbox[part]
+        box.times.append(at)
+        return box
 
-    def deliver(self, messages: list[Posts]) -> None:
+    def deliver(self, messages: list[Wire]) -> None:
         """Schedule the messages from the other partitions (by sender, each sender's in
         the order sent). They run in the order of their time, then sender, then place
         (the engine's order: time, then the order scheduled): the same in every run."""
-        schedule_at, nodes = self.engine.schedule_at, self.nodes
-        for box in messages:  # the engine runs them by (time, the order scheduled)
-            i, end = 0, len(box)
-            while i < end:
-                at, name = cast(float, box[i]), cast(str, box[i + 1])
-                method, count = cast(str, box[i + 2]), cast(int, box[i + 3])
+        schedule_at, nodes, by_index = self.engine.schedule_at, self.nodes, self.by_index
+        for wired_times, wired_ints, box in messages:  # run by (time, the order scheduled)
+            times: array[float] = array("d")
+            times.frombytes(wired_times)
+            ints: array[int] = array("q")
+            ints.frombytes(wired_ints)
+            at_int, end, i = 0, len(ints), 0  # (i: the next uncommon message in box)
+            for at in times:
+                code = ints[at_int]
+                if code != _GENERIC:
+                    schedule_at(at, Arrival(by_index[ints[at_int + 1]], code, ints,
+                                            at_int + 2))
+                    at_int += 6 if code == _PIECE else 5 + ints[at_int + 4]
+                    continue
+                at_int += 1
+                name, method = cast(str, box[i]), cast(str, box[i + 1])
+                count = cast(int, box[i + 2])
                 if method == "rpc":  # told to the coordinator's node now: SimNode.rpc's
                     # arguments after ``at``, as SimNode.remote_call posts them
                     nodes[name].rpc(
-                        at, cast(str, box[i + 4]), cast(str, box[i + 5]),
-                        cast(str, box[i + 6]), cast(int, box[i + 7]),
-                        cast("tuple[object, ...]", box[i + 8]), cast(float, box[i + 9]),
-                        cast(float, box[i + 10]))
+                        at, cast(str, box[i + 3]), cast(str, box[i + 4]),
+                        cast(str, box[i + 5]), cast(int, box[i + 6]),
+                        cast("tuple[object, ...]", box[i + 7]), cast(float, box[i + 8]),
+                        cast(float, box[i + 9]))
                 elif name:
-                    schedule_at(at, Post(nodes[name], method, box, i + 4, count))
+                    schedule_at(at, Post(nodes[name], method, box, i + 3, count))
                 else:
-                    schedule_at(at, partial(getattr(self, method), *box[i + 4:i + 4 + count]))
-                i += 4 + count
+                    schedule_at(at, partial(getattr(self, method), *box[i + 3:i + 3 + count]))
+                i += 3 + count
+            if at_int != end or i != len(box):
+                raise ValueError("a window's messages do not add up")
 
     def crashed(self, node: SimNode) -> None:
         """``node`` crashed: the other partitions hear of it a window later."""

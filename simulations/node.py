@@ -528,14 +528,14 @@ class SimNode:
                 if self._expiry is None:
                     self._expiry = self.engine.schedule(BUSY_AFTER, self._expire)
         if refusals:
-            self._reply(asker, "refusals", (self.name, digest, refusals))
+            self._refuse(asker, digest, refusals)
 
     def _refuse_due(self, now: float) -> None:
         """Refuse as busy the waiting requests that have waited ``BUSY_AFTER``."""
         queue = self._queue
         while queue and queue[0][3] <= now:
             asker, digest, index, _ = queue.popleft()
-            self._reply(asker, "refusals", (self.name, digest, ((index, True),)))
+            self._refuse(asker, digest, ((index, True),))
 
     def _expire(self) -> None:
         self._expiry = None
@@ -544,24 +544,10 @@ class SimNode:
             self._expiry = self.engine.schedule_at(self._queue[0][3], self._expire)
 
     def receive(self, method: str, args: list[object], at: int, count: int) -> None:
-        """Run ``method`` with ``count`` arguments from ``args[at]`` on: a message from
-        another partition's node (the common ones called directly, their arguments read
-        in place: no bound method, ``partial`` or tuple made per message)."""
-        if method == "requests":
-            self.requests(cast(str, args[at]), cast(str, args[at + 1]),
-                          cast("Sequence[int]", args[at + 2]))
-        elif method == "piece":
-            self.piece(cast(str, args[at]), cast(str, args[at + 1]), cast(int, args[at + 2]),
-                       cast(int, args[at + 3]))
-        elif method == "refusals":
-            self.refusals(cast(str, args[at]), cast(str, args[at + 1]),
-                          cast("Sequence[tuple[int, bool]]", args[at + 2]))
-        else:
-            getattr(self, method)(*args[at:at + count])
-
-    def requests(self, asker: str, digest: str, indices: Sequence[int]) -> None:
-        """:meth:`on_requests` from another partition's node."""
-        self.on_requests(self.cluster.nodes[asker], digest, indices)
+        """Run ``method`` with ``count`` arguments from ``args[at]`` on: an uncommon
+        message from another partition's node (the common ones come as
+        :class:`~simulations.cluster.Arrival`)."""
+        getattr(self, method)(*args[at:at + count])
 
     def refusals(self, holder: str, digest: str,
                  refusals: Sequence[tuple[int, bool]]) -> None:
@@ -595,6 +581,15 @@ class SimNode:
             self.engine.schedule(delay, partial(getattr(asker, method), *args))
         else:
             self.post(self.engine.now + delay, asker, method, *args)
+
+    def _refuse(self, asker: SimNode, digest: str,
+                refusals: Sequence[tuple[int, bool]]) -> None:
+        """``asker`` hears one latency from now that we refused these pieces."""
+        at = self.engine.now + self.network.latency(self.host, asker.host)
+        if self.here(asker):
+            self.engine.schedule_at(at, partial(asker.refusals, self.name, digest, refusals))
+        else:
+            self.cluster.post_refusals(at, asker, self, digest, refusals)
 
     def _upload(self, asker: SimNode, digest: str, index: int) -> None:
         """Send ``asker`` piece ``index`` (an upload slot is ours): at once if our
@@ -630,7 +625,7 @@ class SimNode:
 
     def _post_piece(self, asker: SimNode, delay: float, digest: str, index: int,
                     bits: int) -> None:
-        self.post(self.engine.now + delay, asker, "piece", self.name, digest, index, bits)
+        self.cluster.post_piece(self.engine.now + delay, asker, self, digest, index, bits)
 
     def _next_piece(self, conn: _Connection) -> tuple[int, Callable[[], None]] | None:
         """The piece ``conn`` sends next, now that the last one is sent (``None``: the
@@ -1040,8 +1035,8 @@ class BlobDownload:
         holder = self.node.cluster.nodes[peer_id]
         delay = self.node.network.latency(self.node.host, holder.host)
         if not self.node.here(holder):
-            self.node.post(self.engine.now + delay, holder, "requests", self.node.name,
-                           self.blob.digest, indices)
+            self.node.cluster.post_requests(self.engine.now + delay, holder, self.node,
+                                            self.blob.digest, indices)
             return
         self.engine.schedule(delay, partial(holder.on_requests, self.node, self.blob.digest,
                                             indices))

@@ -7,8 +7,9 @@ over all of them, so each has as much to do); each is a
 host exists in each, but only the partition's own act). The registry is
 partition 0's. Whatever one node does to another partition's node travels as a message
 (``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
-answers (a lookup's as what a download reads of it), crashes; a window's messages to a
-partition as one flat list, run by their node's ``SimNode.receive``. Every message is
+answers (a lookup's as what a download reads of it), crashes. A window's messages to a
+partition cross as numbers (``Cluster.Box``: requests, pieces and refusals as two
+arrays' bytes, read where they come due; the rest as their method and arguments). Every message is
 due at least one *window* after it was sent, the shortest latency between two hosts
 (node to node, node to registry: twice the scenario's ``latency``), so the partitions
 run a window at a time, side by side (a conservative parallel simulation): each runs its
@@ -64,12 +65,13 @@ from multiprocessing.connection import Connection
 
 from simulations.cluster import (
     PROGRESS_EVERY,
+    Box,
     Cluster,
-    Posts,
     Progress,
     Result,
     Scenario,
     Tally,
+    Wire,
     result_of,
 )
 from simulations.network import NetworkStatistics
@@ -85,7 +87,7 @@ for _kind in (NetworkStatistics, Tally):
 class Outgoing:
     """What one partition sends the others at the end of a window."""
 
-    messages: list[Posts]  # by target partition
+    messages: list[Wire]  # by target partition
     shares: dict[str, int]  # its flows' count at the downlinks where it changed
     next_time: float  # its own next event or message, whichever is due first
     left: int  # its nodes not done yet
@@ -104,9 +106,9 @@ class _Partition:
         """Run the events due before ``until``; what to send the others."""
         cluster = self.cluster
         cluster.engine.run(until, before=True)
-        by_part, cluster.outbox = cluster.outbox, [[] for _ in range(self.parts)]
+        by_part, cluster.outbox = cluster.outbox, [Box() for _ in range(self.parts)]
         soonest, cluster.soonest_post = cluster.soonest_post, math.inf
-        return Outgoing(by_part, cluster.network.share_reports(),
+        return Outgoing([box.wire() for box in by_part], cluster.network.share_reports(),
                         min(cluster.engine.next_time(), soonest), cluster.left,
                         cluster.engine.events)
 

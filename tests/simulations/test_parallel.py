@@ -14,7 +14,7 @@ from simulations.cli import main
 from simulations.cluster import Cluster, MiB, Scenario, run_p2p
 from simulations.engine import Engine
 from simulations.network import Network, size_share
-from simulations.node import BlobDownload, Limits, decode_answer, encode_answer
+from simulations.node import BlobDownload, Limits, SimNode, decode_answer, encode_answer
 from simulations.parallel import _exchange, run_partitioned
 
 MIXED = Scenario(nodes=16, image_bytes=48 * MiB, layers=3, node_up=40 * MiB,
@@ -139,6 +139,36 @@ def test_a_message_is_never_due_within_a_window() -> None:
     cluster.post(cluster.window, 1, "node-00010", "piece", ())
     with pytest.raises(ValueError, match="within a window"):
         cluster.post(cluster.window / 2, 1, "node-00010", "piece", ())
+
+
+def test_messages_cross_as_the_calls_they_stand_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, float, str, tuple[object, ...]]] = []
+
+    def recording(method: str) -> object:
+        def record(self: SimNode, *args: object) -> None:
+            seen.append((method, self.engine.now, self.name, args))
+        return record
+
+    for method in ("on_requests", "piece", "refusals"):
+        monkeypatch.setattr(SimNode, method, recording(method))
+    sender, receiver = Cluster(MIXED, part=0), Cluster(MIXED, part=1)
+    ours, theirs = sender.by_index[0], sender.by_index[1]  # node i is partition i mod 2
+    digest, w = sender.digests[2], sender.window
+    sender.post_piece(2 * w, theirs, ours, digest, 70, 1 << 70)  # too big for the ints
+    sender.post_requests(w, theirs, ours, digest, [5, 0, 3])
+    sender.post_refusals(w, theirs, ours, digest, [(4, True), (9, False)])
+    sender.post_piece(w, theirs, ours, digest, 7, 0b1011)
+    assert not sender.outbox[0].times  # nothing to itself
+    receiver.deliver([box.wire() for box in sender.outbox])
+    receiver.engine.run()
+    asker = receiver.by_index[0]
+    assert seen == [  # by time, then in the order sent
+        ("on_requests", w, theirs.name, (asker, digest, [5, 0, 3])),
+        ("refusals", w, theirs.name, (ours.name, digest, [(4, True), (9, False)])),
+        ("piece", w, theirs.name, (ours.name, digest, 7, 0b1011)),
+        ("piece", 2 * w, theirs.name, (ours.name, digest, 70, 1 << 70)),
+    ]
+    assert seen[0][3][0] is asker and seen[1][3][1] is digest  # the receiver's objects
 
 
 def test_what_partitions_cannot_run() -> None:
