@@ -8,9 +8,10 @@ host exists in each, but only the partition's own act). The registry is
 partition 0's. Whatever one node does to another partition's node travels as a message
 (``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
 answers (a lookup's as what a download reads of it), crashes. A window's messages to a
-partition cross as numbers (``Cluster.Box``: requests, pieces and refusals as two
-arrays' bytes, read where they come due; the rest as their method and arguments). Every message is
-due at least one *window* after it was sent, the shortest latency between two hosts
+partition cross as numbers (:class:`~simulations.cluster.Box`: requests, pieces and
+refusals as two arrays' bytes, read when they come due; the rest as their method and
+arguments). Every message is due at least one *window* after it was sent, the shortest
+latency between two hosts
 (node to node, node to registry: twice the scenario's ``latency``), so the partitions
 run a window at a time, side by side (a conservative parallel simulation): each runs its
 events due before the window's end, then they exchange what they sent, which is due at
