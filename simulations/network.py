@@ -43,7 +43,6 @@ import heapq
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import partial
 from typing import Final
 
 from simulations.engine import Engine, Timer
@@ -91,14 +90,15 @@ class Resource:
 class Host:
     """A node or the registry: uplink, downlink and the one-way latency of its link."""
 
-    __slots__ = ("counts", "down", "downs", "latency", "name", "part", "reported", "sharing",
-                 "up")
+    __slots__ = ("counts", "down", "downs", "index", "latency", "name", "part", "reported",
+                 "sharing", "up")
 
     def __init__(self, name: str, up: float, down: float, latency: float,
                  part: int = 0, parts: int = 1) -> None:
         if latency < 0:
             raise ValueError("latency cannot be negative")
         self.name = name
+        self.index = 0  # its place among the network's hosts (Network.by_index)
         self.up = Resource(f"{name}/up", up)
         self.down = Resource(f"{name}/down", down)
         self.latency = latency
@@ -120,9 +120,9 @@ class Host:
 class Flow:
     """A transfer of ``size`` bytes from ``src`` to ``dst`` (see the module docstring)."""
 
-    __slots__ = ("counted", "delay", "done", "down", "dst", "finish", "fixed", "more",
-                 "on_done", "on_sent", "picked", "rate", "remaining", "since", "size", "src",
-                 "tag", "timer")
+    __slots__ = ("counted", "delay", "done", "down", "dst", "fixed", "more", "net", "on_done",
+                 "on_sent", "picked", "rate", "remaining", "since", "size", "src", "tag",
+                 "timer")
 
     def __init__(self, src: Host, dst: Host, size: int, tag: str,
                  on_done: Callable[[], None], now: float) -> None:
@@ -135,12 +135,19 @@ class Flow:
         self.since = now  # when ``remaining`` was last brought up to date
         self.timer: Timer | None = None
         self.done = False
-        self.finish: Callable[[], None] = on_done  # the network's finish timer callback
+        # its network while it runs: the flow is its finish timer's callback (__call__),
+        # not a bound method or partial made per flow
+        self.net: Network | None = None
         self.on_sent: Callable[[], None] | None = None
         self.more: More | None = None  # the next transfer on the same connection, if any
         self.counted = True  # in the statistics' bytes
         self.fixed = 0.0  # scratch for max_min_rates: its new rate (-1: not frozen yet)
         self.picked = 0  # the last recomputation that took it into its region
+
+    def __call__(self) -> None:
+        """Its finish timer is up (see ``Network._finish``)."""
+        if self.net is not None:
+            self.net._finish(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +177,7 @@ class Network:
         self._watched: dict[Resource, list[tuple[float, float]]] = {}
         self._sent: dict[Resource, float] = {}  # watched: bytes of flows that ended
         self.hosts: dict[str, Host] = {}
+        self.by_index: list[Host] = []  # the hosts in the order added (Host.index)
         self._flows: dict[Flow, None] = {}  # exact only (the rest count ``_active``)
         self._active = 0
         self._serial = 0  # recomputations so far (Flow.picked)
@@ -190,6 +198,8 @@ class Network:
         if not 0 <= part < self.parts:
             raise ValueError(f"partition {part} outside 0..{self.parts - 1}")
         host = self.hosts[name] = Host(name, up, down, latency, part, self.parts)
+        host.index = len(self.by_index)
+        self.by_index.append(host)
         return host
 
     def latency(self, src: Host, dst: Host) -> float:
@@ -220,7 +230,7 @@ class Network:
         if math.isinf(src.up.capacity) and math.isinf(dst.down.full):
             raise ValueError("a flow needs a finite uplink or downlink")
         flow = Flow(src, dst, size, tag, on_done, self.engine.now)
-        flow.finish = partial(self._finish, flow)
+        flow.net = self
         flow.on_sent = on_sent
         flow.more = more
         flow.counted = counted
@@ -267,14 +277,14 @@ class Network:
             dst.sharing = True
             self._shares.append(dst)
 
-    def share_reports(self) -> dict[str, int]:
+    def share_reports(self) -> list[int]:
         """How many of this partition's flows go to each host where that changed since
-        the last call (by host name; :func:`size_share` splits downlinks by these
-        counts). Only where it tells the others something: where another partition
-        sends too, or where we begin or cease to send (a partition alone at a downlink
-        has all of it)."""
+        the last call: the host's index, then the count, for each (:func:`size_share`
+        splits downlinks by these counts). Only where it tells the others something:
+        where another partition sends too, or where we begin or cease to send (a
+        partition alone at a downlink has all of it)."""
         shares, self._shares = self._shares, []
-        reports: dict[str, int] = {}
+        reports: list[int] = []
         part = self.part
         for host in shares:
             host.sharing = False
@@ -287,10 +297,11 @@ class Network:
                 if not any(n for k, n in enumerate(others) if k != part):
                     continue  # alone there: ours whatever we do
             host.reported = count
-            reports[host.name] = count
+            reports.append(host.index)
+            reports.append(count)
         return reports
 
-    def reshare(self, reports: list[dict[str, int]], at: float) -> None:
+    def reshare(self, reports: list[list[int]], at: float) -> None:
         """Size this partition's shares of the downlinks in ``reports`` (every
         partition's, ours included, in partition order); at ``at``, slow down our flows
         through a share that shrank below what they carry. Reports not repeated since
@@ -305,15 +316,15 @@ class Network:
         partitions' flows never carry more than the link: its flows get max-min fair
         rates within it, none above the rate it had (:func:`_fitted_rates`; what that frees
         at their uplinks waits for the next change there, by the same rule)."""
-        hosts, me, shares = self.hosts, self.part, self._shares
+        hosts, me, shares = self.by_index, self.part, self._shares
         changed: dict[Host, None] = {}
         for part, part_reports in enumerate(reports):
-            for name, report in part_reports.items():
-                host = hosts[name]
+            for i in range(0, len(part_reports), 2):
+                host = hosts[part_reports[i]]
                 counts = host.counts
                 if not counts:
                     counts = host.counts = [0] * self.parts
-                counts[part] = report
+                counts[part] = part_reports[i + 1]
                 changed[host] = None
                 if part != me and host.downs[me].flows and not host.sharing:
                     host.sharing = True  # ours there: tell them next time
@@ -337,7 +348,7 @@ class Network:
         # An ended flow lets go of its callbacks: they refer back to it (the finish timer,
         # the caller's closures), and without these cycles reference counting frees it
         # at once (the engine runs with the cyclic garbage collector off).
-        flow.timer, flow.finish, flow.on_done, flow.on_sent = None, _nothing, _nothing, None
+        flow.timer, flow.net, flow.on_done, flow.on_sent = None, None, _nothing, None
         flow.more = None
         if self.exact:
             del self._flows[flow]
@@ -361,7 +372,7 @@ class Network:
             if end > now:
                 # The flow slowed down after this timer was set (lazy rescheduling, see
                 # _recompute): wake again when it really ends.
-                flow.timer = self.engine.schedule_at(end, flow.finish)
+                flow.timer = self.engine.schedule_at(end, flow)
                 return
         if flow.counted:
             self._bytes[flow.tag] = self._bytes.get(flow.tag, 0) + flow.size
@@ -390,7 +401,7 @@ class Network:
         if flow.counted:
             self._started += size
         self._counts[0] += 1
-        flow.timer = self.engine.schedule_at(self.engine.now + size / flow.rate, flow.finish)
+        flow.timer = self.engine.schedule_at(self.engine.now + size / flow.rate, flow)
 
     def _recompute(self) -> None:
         self._reflow = None
@@ -434,7 +445,7 @@ class Network:
                     continue  # slower: the earlier timer stands and re-arms when it fires
                 if timer is not None:
                     timer.cancel()
-                flow.timer = schedule_at(end, flow.finish)
+                flow.timer = schedule_at(end, flow)
             elif timer is not None:
                 timer.cancel()
                 flow.timer = None

@@ -59,6 +59,7 @@ import os
 import select
 import sys
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import partial
@@ -89,7 +90,7 @@ class Outgoing:
     """What one partition sends the others at the end of a window."""
 
     messages: list[Wire]  # by target partition
-    shares: dict[str, int]  # its flows' count at the downlinks where it changed
+    shares: bytes  # its flows' count at the downlinks where it changed (Network.share_reports)
     next_time: float  # its own next event or message, whichever is due first
     left: int  # its nodes not done yet
     events: int
@@ -109,7 +110,8 @@ class _Partition:
         cluster.engine.run(until, before=True)
         by_part, cluster.outbox = cluster.outbox, [Box() for _ in range(self.parts)]
         soonest, cluster.soonest_post = cluster.soonest_post, math.inf
-        return Outgoing([box.wire() for box in by_part], cluster.network.share_reports(),
+        return Outgoing([box.wire() for box in by_part],
+                        array("q", cluster.network.share_reports()).tobytes(),
                         min(cluster.engine.next_time(), soonest), cluster.left,
                         cluster.engine.events)
 
@@ -117,8 +119,15 @@ class _Partition:
         """Take the window's messages and downlink reports from every partition."""
         cluster = self.cluster
         cluster.deliver([out.messages[cluster.part] for out in outgoing])
-        cluster.network.reshare([out.shares for out in outgoing], until)
+        cluster.network.reshare([_ints(out.shares) for out in outgoing], until)
         cluster.finished = sum(out.left for out in outgoing) == 0
+
+
+def _ints(wired: bytes) -> list[int]:
+    """The ints of an array's bytes (``array("q", ...).tobytes()``)."""
+    ints = array("q")
+    ints.frombytes(wired)
+    return ints.tolist()
 
 
 def _next_window(outgoing: list[Outgoing], until: float, window: float) -> float:

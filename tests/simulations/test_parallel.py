@@ -194,10 +194,10 @@ def test_a_shrunk_share_is_taken_up_at_once_and_a_grown_one_at_the_next_change()
     flow = net.transfer(a, c, 10_000, lambda: None, tag="peer")
     engine.run(0.5)
     assert flow.rate == 100.0  # alone at c's downlink
-    net.reshare([{"c": 1}, {"c": 3}], 1.0)  # partition 1 sends c three flows
+    net.reshare([[c.index, 1], [c.index, 3]], 1.0)  # partition 1 sends c three flows
     engine.run(1.5)
     assert flow.rate == 25.0  # shrunk: re-rated at the window's end
-    net.reshare([{}, {"c": 1}], 2.0)  # they are down to one: our share grows to half
+    net.reshare([[], [c.index, 1]], 2.0)  # they are down to one: our share grows to half
     engine.run(2.5)
     assert c.downs[0].capacity == 50.0 and flow.rate == 25.0  # nothing changed there yet
     net.transfer(a, b, 10_000, lambda: None, tag="peer")  # a change at the flow's uplink
@@ -218,20 +218,20 @@ def test_a_shrunk_share_slows_its_fastest_flows_first_and_never_speeds_one_up() 
     fast = net.transfer(b, d, 10_000, lambda: None, tag="peer")
     engine.run(0.5)
     assert (slow.rate, fast.rate) == (pytest.approx(20.0), pytest.approx(80.0))
-    net.reshare([{"d": 2}, {"d": 2}], 1.0)  # half of d's downlink: 50 for 100 carried
+    net.reshare([[d.index, 2], [d.index, 2]], 1.0)  # half of d's downlink: 50 for 100 carried
     engine.run(1.5)
     # max-min within the share, none above its rate: the slow flow keeps its 20 and the
     # fast one gets the rest (what b's uplink frees is not handed out until a change)
     assert slow.rate == pytest.approx(20.0) and fast.rate == pytest.approx(30.0)
     assert d.downs[0].total == pytest.approx(50.0) and b.up.total == pytest.approx(30.0)
-    net.reshare([{}, {"d": 6}], 2.0)  # a quarter now, 25: both at 12.5
+    net.reshare([[], [d.index, 6]], 2.0)  # a quarter now, 25: both at 12.5
     engine.run(2.5)
     assert slow.rate == pytest.approx(12.5) and fast.rate == pytest.approx(12.5)
     assert a.up.total == pytest.approx(80 + 12.5)
-    net.reshare([{}, {"d": 2}], 3.0)  # grown back to a half: nothing moves until a change
+    net.reshare([[], [d.index, 2]], 3.0)  # grown back to a half: nothing moves until a change
     engine.run(3.5)
     assert slow.rate == pytest.approx(12.5) and fast.rate == pytest.approx(12.5)
-    net.reshare([{}, {"d": 3}], 4.0)  # shrunk to 40, still above the 25 carried: as is
+    net.reshare([[], [d.index, 3]], 4.0)  # shrunk to 40, still above the 25 carried: as is
     engine.run(4.5)
     assert slow.rate == pytest.approx(12.5) and fast.rate == pytest.approx(12.5)
     left = fast.remaining - fast.rate * (engine.now - fast.since)
