@@ -699,6 +699,12 @@ class Scheduler:
         back cost more than asking it; such a peer goes back to the idle queue here, as
         :meth:`_ask` and :meth:`_requeue` would put it, without calling them."""
         idle, starved, resting = self._idle, self._starved, self._resting
+        if not starved and not self._idle_bits & (self._pending_bits | self._dup_bits) \
+                and len(self._asked) < self._max_total:
+            # no idle peer holds anything wanted (``_idle_bits`` holds all they hold), and
+            # none rests (a busy refusal takes a peer out of the queues; it comes back
+            # only when filled): the loop would ask nothing and leave the queue as it is
+            return
         order = [*idle, *starved]
         self._idle = {p: None for p in idle if p in resting}
         self._starved = {p: None for p in starved if p in resting}
