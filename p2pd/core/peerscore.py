@@ -155,11 +155,13 @@ class InFlight:
 
     def delivered(self, peer_id: PeerId) -> None:
         """``peer_id`` delivered a requested piece: its allowance grows by one."""
-        allowance = self._allowance.get(peer_id, self.max_per_peer) + 1
-        if allowance >= self.max_per_peer:
-            self._allowance.pop(peer_id, None)
+        allowance = self._allowance.get(peer_id)
+        if allowance is None:
+            return  # (absent: max_per_peer already)
+        if allowance + 1 >= self.max_per_peer:
+            del self._allowance[peer_id]
         else:
-            self._allowance[peer_id] = allowance
+            self._allowance[peer_id] = allowance + 1
 
     def progress(self, peer_id: PeerId, index: int, now: float) -> None:
         """Bytes of ``index`` are arriving from ``peer_id``: restart its timeout."""

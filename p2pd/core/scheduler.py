@@ -157,6 +157,13 @@ def _bits(mask: int) -> Iterator[int]:
         mask ^= low
 
 
+def _discard(peers: dict[PeerId, None], peer_id: PeerId) -> None:
+    """Remove ``peer_id`` from ``peers`` if there. (Compiled, ``dict.pop(key, None)`` is
+    a generic method call; ``in`` and ``del`` are direct.)"""
+    if peer_id in peers:
+        del peers[peer_id]  # noqa: RUF051 (see above)
+
+
 def endgame_size(pieces: int) -> int:
     """How many missing pieces a blob of ``pieces`` may ask twice for by default."""
     return max(1, min(8, pieces // 8))
@@ -311,9 +318,9 @@ class Scheduler:
                 heapq.heappush(self._rest_heap, (until, peer_id))
                 if until < self._tick_at:
                     self._tick_at = until
-            self._dirty.pop(peer_id, None)
-            self._idle.pop(peer_id, None)
-            self._starved.pop(peer_id, None)
+            _discard(self._dirty, peer_id)
+            _discard(self._idle, peer_id)
+            _discard(self._starved, peer_id)
 
     def progress(self, peer_id: PeerId, index: int, now: float) -> None:
         """Bytes of ``index`` are arriving from ``peer_id``: restart its timeout."""
@@ -401,13 +408,14 @@ class Scheduler:
                 self._fill(peer_id, now, False, actions)
                 if len(self._asked) >= self._max_total:
                     break
-        flying_up = self._upstream.bit_count()
-        if self._range_mask and not self._seeds and flying_up * 2 <= self._batch:
+        if self._range_mask and not self._seeds:  # (most turns: no upstream range)
+            flying_up = self._upstream.bit_count()
             chosen: list[int] = []
-            for index in _bits(self._orphans & self._range_mask & ~self._hold_mask):
-                if flying_up + len(chosen) >= self._batch:
-                    break
-                chosen.append(index)
+            if flying_up * 2 <= self._batch:
+                for index in _bits(self._orphans & self._range_mask & ~self._hold_mask):
+                    if flying_up + len(chosen) >= self._batch:
+                        break
+                    chosen.append(index)
             for index in chosen:
                 self._upstream |= 1 << index
                 self._settle(index)
@@ -553,13 +561,13 @@ class Scheduler:
         return True
 
     def _remove_peer(self, peer_id: PeerId, *, cancel: bool) -> None:
-        self._idle.pop(peer_id, None)
-        self._starved.pop(peer_id, None)
-        self._dirty.pop(peer_id, None)
+        _discard(self._idle, peer_id)
+        _discard(self._starved, peer_id)
+        _discard(self._dirty, peer_id)
         indices = self._asked.forget(peer_id)
         self._set_mask(peer_id, 0)
         del self._masks[peer_id]
-        self._dirty.pop(peer_id, None)
+        _discard(self._dirty, peer_id)
         for index in indices:
             if cancel:
                 self._outbox.append(CancelRequest(peer_id, index))
@@ -650,8 +658,8 @@ class Scheduler:
         if peer_id in self._resting:
             return
         held_back = self._ask(peer_id, now, endgame, out)
-        self._idle.pop(peer_id, None)
-        self._starved.pop(peer_id, None)
+        _discard(self._idle, peer_id)
+        _discard(self._starved, peer_id)
         self._requeue(peer_id, held_back)
 
     def _requeue(self, peer_id: PeerId, held_back: bool) -> None:
