@@ -213,7 +213,8 @@ class _Connection:
         self.asker = asker
         self.sending = piece
         self.flow: Flow | None = None
-        self.queue: deque[tuple[str, int, int]] = deque()
+        # (a list: a few pieces at most, and compiled, a deque's methods are generic calls)
+        self.queue: list[tuple[str, int, int]] = []
 
 
 class SimNode:
@@ -232,8 +233,9 @@ class SimNode:
         self.downloads: dict[str, BlobDownload] = {}
         self.held: dict[str, int] = {}  # digest -> bitfield of held pieces
         self.uploading = 0
-        # requests waiting for an upload slot: (asker, digest, index, refused at)
-        self._queue: deque[tuple[SimNode, str, int, float]] = deque()
+        # requests waiting for an upload slot: (asker, digest, index, refused at); at most
+        # ``max_waiting``, so a list (compiled, a deque's methods are generic calls)
+        self._queue: list[tuple[SimNode, str, int, float]] = []
         self._expiry: Timer | None = None  # refuses the queue's front when it is due
         self._conns: dict[SimNode, _Connection] = {}  # to each asker we send pieces
         self._waiting: deque[BlobSpec] = deque()  # layers containerd has not asked for yet
@@ -534,7 +536,7 @@ class SimNode:
         """Refuse as busy the waiting requests that have waited ``BUSY_AFTER``."""
         queue = self._queue
         while queue and queue[0][3] <= now:
-            asker, digest, index, _ = queue.popleft()
+            asker, digest, index, _ = queue.pop(0)
             self._refuse(asker, digest, ((index, True),))
 
     def _expire(self) -> None:
@@ -633,7 +635,7 @@ class SimNode:
         if not conn.queue:
             del self._conns[conn.asker]
             return None
-        conn.sending = conn.queue.popleft()
+        conn.sending = conn.queue.pop(0)
         return self._piece(conn.asker, conn.sending)
 
     def lost_flows(self) -> None:
@@ -658,7 +660,7 @@ class SimNode:
         queue = self._queue
         self._refuse_due(self.engine.now)
         while queue:
-            asker, digest, index, _ = queue.popleft()
+            asker, digest, index, _ = queue.pop(0)
             if not asker.crashed:
                 self._upload(asker, digest, index)
                 break
