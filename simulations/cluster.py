@@ -316,7 +316,7 @@ def pick_victims(scenario: Scenario, names: list[str]) -> list[str]:
 # then); the rest as their method's name and arguments (``Box.extra``).
 _GENERIC: Final = 0  # Box.extra: the node's name (empty: the cluster), method, count, args
 _REQUESTS: Final = 1  # target, asker, blob, count, the pieces
-_PIECE: Final = 2  # target, holder, blob, piece, the holder's bits (fewer than 63)
+_PIECE: Final = 2  # target, holder, blob, piece, the holder's bits (62 pieces at most)
 _REFUSALS: Final = 3  # target, holder, blob, count, each piece * 2 + whether busy
 
 
@@ -507,15 +507,15 @@ class Cluster:
             times.frombytes(wired_times)
             ints: array[int] = array("q")
             ints.frombytes(wired_ints)
-            at_int, end, i = 0, len(ints), 0  # (i: the next uncommon message in box)
+            place, i = 0, 0  # the next message's first int, and the next uncommon one's in box
             for at in times:
-                code = ints[at_int]
+                code = ints[place]
                 if code != _GENERIC:
-                    schedule_at(at, Arrival(by_index[ints[at_int + 1]], code, ints,
-                                            at_int + 2))
-                    at_int += 6 if code == _PIECE else 5 + ints[at_int + 4]
+                    schedule_at(at, Arrival(by_index[ints[place + 1]], code, ints,
+                                            place + 2))
+                    place += 6 if code == _PIECE else 5 + ints[place + 4]
                     continue
-                at_int += 1
+                place += 1
                 name, method = cast(str, box[i]), cast(str, box[i + 1])
                 count = cast(int, box[i + 2])
                 if method == "rpc":  # told to the coordinator's node now: SimNode.rpc's
@@ -530,7 +530,7 @@ class Cluster:
                 else:
                     schedule_at(at, partial(getattr(self, method), *box[i + 3:i + 3 + count]))
                 i += 3 + count
-            if at_int != end or i != len(box):
+            if place != len(ints) or i != len(box):
                 raise ValueError("a window's messages do not add up")
 
     def crashed(self, node: SimNode) -> None:
