@@ -4,20 +4,20 @@ How it works. ``Scenario.partitions`` deals the nodes out to P partitions (node 
 partition i mod P: the nodes that start first, or ask a coordinator first, are spread
 over all of them, so each has as much to do); each is a
 :class:`~simulations.cluster.Cluster` of its own, with its own engine (every node and
-host exists in each, but only the partition's own act). The registry is
-partition 0's. Whatever one node does to another partition's node travels as a message
+host exists in each, but only the partition's own act). The registry is partition 0's.
+Whatever one node does to another partition's node travels as a message
 (``Cluster.post``): piece requests, refusals, pieces, coordinator calls and their
 answers (a lookup's as what a download reads of it), crashes. A window's messages to a
 partition cross as numbers (:class:`~simulations.cluster.Box`: requests, pieces and
 refusals as two arrays' bytes, read when they come due; the rest as their method and
 arguments). Every message is due at least one *window* after it was sent, the shortest
-latency between two hosts
-(node to node, node to registry: twice the scenario's ``latency``), so the partitions
-run a window at a time, side by side (a conservative parallel simulation): each runs its
-events due before the window's end, then they exchange what they sent, which is due at
-the end or later (each sends and receives at once, over non-blocking sockets). Windows
-where nothing is due are skipped. With ``P2PD_SIM_TIMINGS=1`` each process tells, at the
-end, how its time went (running its events, waiting for the others, taking theirs in).
+latency between two hosts (node to node, node to registry: twice the scenario's
+``latency``), so the partitions run a window at a time, side by side (a conservative
+parallel simulation): each runs its events due before the window's end, then they
+exchange what they sent, which is due at the end or later (each sends and receives at
+once, over non-blocking sockets). Windows where nothing is due are skipped. With
+``P2PD_SIM_TIMINGS=1`` each process tells, at the end, how its time went (running its
+events, waiting for the others, taking theirs in).
 
 What changes against an unpartitioned run (the model, not only its speed):
 
