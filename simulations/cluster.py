@@ -452,11 +452,7 @@ class Cluster:
     def post_requests(self, at: float, to: SimNode, asker: SimNode, digest: str,
                       indices: list[int]) -> None:
         """:meth:`post` of ``to.on_requests(asker, digest, indices)``."""
-        ints = self._box(at, to.host.part).ints
-        ints.append(_REQUESTS)
-        ints.append(to.index)
-        ints.append(asker.index)
-        ints.append(self._blob_index[digest])
+        ints = self._common(at, _REQUESTS, to, asker, digest)
         ints.append(len(indices))
         for index in indices:
             ints.append(index)
@@ -467,25 +463,28 @@ class Cluster:
         if bits >> 62:  # (not an int of the array: a blob of more than 62 pieces)
             self.post(at, to.host.part, to.name, "piece", (holder.name, digest, index, bits))
             return
-        ints = self._box(at, to.host.part).ints
-        ints.append(_PIECE)
-        ints.append(to.index)
-        ints.append(holder.index)
-        ints.append(self._blob_index[digest])
+        ints = self._common(at, _PIECE, to, holder, digest)
         ints.append(index)
         ints.append(bits)
 
     def post_refusals(self, at: float, to: SimNode, holder: SimNode, digest: str,
                       refusals: Sequence[tuple[int, bool]]) -> None:
         """:meth:`post` of ``to.refusals(holder.name, digest, refusals)``."""
-        ints = self._box(at, to.host.part).ints
-        ints.append(_REFUSALS)
-        ints.append(to.index)
-        ints.append(holder.index)
-        ints.append(self._blob_index[digest])
+        ints = self._common(at, _REFUSALS, to, holder, digest)
         ints.append(len(refusals))
         for index, busy in refusals:
             ints.append(index * 2 + busy)
+
+    def _common(self, at: float, code: int, to: SimNode, sender: SimNode,
+                digest: str) -> list[int]:
+        """A common message's first ints (what it is, target, sender, blob) put in the
+        box to ``to``'s partition; the ints, for the rest of it."""
+        ints = self._box(at, to.host.part).ints
+        ints.append(code)
+        ints.append(to.index)
+        ints.append(sender.index)
+        ints.append(self._blob_index[digest])
+        return ints
 
     def _box(self, at: float, part: int) -> Box:
         """The box to partition ``part``, with ``at`` the time of a message put in it."""
