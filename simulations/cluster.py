@@ -39,7 +39,7 @@ from p2pd.core.membership import Member, coordinator_for
 from p2pd.core.pieces import PieceLayout
 from simulations import hugepages
 from simulations.compiled import in_use
-from simulations.engine import Engine
+from simulations.engine import Engine, Timer
 from simulations.network import Flow, Host, Network, NetworkStatistics
 from simulations.node import BlobSpec, Limits, SimNode
 
@@ -346,30 +346,33 @@ Wire = tuple[bytes, bytes, list[object]]
 """A window's :class:`Box` as sent (:meth:`Box.wire`)."""
 
 
-class Post:
-    """An uncommon message from another partition for its node: the engine's callback
-    when due (its arguments: ``count`` of ``box`` from ``at``, read in place)."""
+class Post(Timer):
+    """An uncommon message from another partition for its node, due at ``time``: its own
+    event (its arguments: ``count`` of ``box`` from ``at``, read in place)."""
 
     __slots__ = ("at", "box", "count", "method", "node")
 
-    def __init__(self, node: SimNode, method: str, box: list[object], at: int,
+    def __init__(self, time: float, node: SimNode, method: str, box: list[object], at: int,
                  count: int) -> None:
+        super().__init__(time)
         self.node, self.method, self.box, self.at, self.count = node, method, box, at, count
 
-    def __call__(self) -> None:
+    def run(self) -> None:
         self.node.receive(self.method, self.box, self.at, self.count)
 
 
-class Arrival:
+class Arrival(Timer):
     """A common message from another partition for its node (requests, a piece,
-    refusals): the engine's callback when due, reading its ints from ``at`` on."""
+    refusals), due at ``time``: its own event, reading its ints from ``at`` on."""
 
     __slots__ = ("at", "code", "ints", "node")
 
-    def __init__(self, node: SimNode, code: int, ints: array[int], at: int) -> None:
+    def __init__(self, time: float, node: SimNode, code: int, ints: array[int],
+                 at: int) -> None:
+        super().__init__(time)
         self.node, self.code, self.ints, self.at = node, code, ints, at
 
-    def __call__(self) -> None:
+    def run(self) -> None:
         node, ints, at = self.node, self.ints, self.at
         cluster = node.cluster
         sender = cluster.by_index[ints[at]]
@@ -500,7 +503,7 @@ class Cluster:
         """Schedule the messages from the other partitions (by sender, each sender's in
         the order sent). They run in the order of their time, then sender, then place
         (the engine's order: time, then the order scheduled): the same in every run."""
-        schedule_at, nodes, by_index = self.engine.schedule_at, self.nodes, self.by_index
+        engine, nodes, by_index = self.engine, self.nodes, self.by_index
         for wired_times, wired_ints, box in messages:  # run by (time, the order scheduled)
             times: array[float] = array("d")
             times.frombytes(wired_times)
@@ -510,8 +513,7 @@ class Cluster:
             for at in times:
                 code = ints[place]
                 if code != _GENERIC:
-                    schedule_at(at, Arrival(by_index[ints[place + 1]], code, ints,
-                                            place + 2))
+                    engine.add(Arrival(at, by_index[ints[place + 1]], code, ints, place + 2))
                     place += 6 if code == _PIECE else 5 + ints[place + 4]
                     continue
                 place += 1
@@ -525,9 +527,10 @@ class Cluster:
                         cast("tuple[object, ...]", box[i + 7]), cast(float, box[i + 8]),
                         cast(float, box[i + 9]))
                 elif name:
-                    schedule_at(at, Post(nodes[name], method, box, i + 3, count))
+                    engine.add(Post(at, nodes[name], method, box, i + 3, count))
                 else:
-                    schedule_at(at, partial(getattr(self, method), *box[i + 3:i + 3 + count]))
+                    engine.schedule_at(at, partial(getattr(self, method),
+                                                   *box[i + 3:i + 3 + count]))
                 i += 3 + count
             if place != len(ints) or i != len(box):
                 raise ValueError("a window's messages do not add up")

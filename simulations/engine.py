@@ -48,17 +48,28 @@ BUCKET: Final = 1e-4
 """Seconds of virtual time per bucket of the calendar queue (see the module docstring)."""
 
 
+def _nothing() -> None:
+    pass
+
+
 class Timer:
     """A scheduled callback; :meth:`cancel` stops it from running. Timers run in
-    ``(time, seq)`` order."""
+    ``(time, seq)`` order.
+
+    A subclass can be its own event: it overrides :meth:`run` and is scheduled with
+    :meth:`Engine.add` (one object per event, not a timer and a callback)."""
 
     __slots__ = ("callback", "cancelled", "seq", "time")
 
-    def __init__(self, time: float, seq: int, callback: Callback) -> None:
+    def __init__(self, time: float, callback: Callback = _nothing) -> None:
         self.time = time
-        self.seq = seq
+        self.seq = 0  # set when scheduled
         self.callback = callback
         self.cancelled = False
+
+    def run(self) -> None:
+        """What the timer does when due: call its callback."""
+        self.callback()
 
     def cancel(self) -> None:
         """Do not run the callback (harmless if it already ran)."""
@@ -108,11 +119,16 @@ class Engine:
 
     def schedule_at(self, time: float, callback: Callback) -> Timer:
         """Run ``callback`` at virtual ``time`` (not before now)."""
-        now = self.now
+        return self.add(Timer(time, callback))
+
+    def add(self, timer: Timer) -> Timer:
+        """Run ``timer`` at its time (not before now); it is scheduled now, so among
+        timers due at the same time it runs after those scheduled before it."""
+        now, time = self.now, timer.time
         if not time >= now:
             raise ValueError(f"cannot schedule at {time!r}, before now ({now})")
-        seq = self._seq = self._seq + 1
-        timer = Timer(time, seq, callback)
+        self._seq += 1
+        timer.seq = self._seq
         if time == now:
             self._due.append(timer)
             return timer
@@ -188,7 +204,7 @@ class Engine:
                 self._cancelled += 1
                 continue
             self._events += 1
-            timer.callback()
+            timer.run()
         if until is not None and not self._stopped:
             self.now = max(self.now, until)
         return self.now

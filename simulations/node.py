@@ -217,6 +217,68 @@ class _Connection:
         self.queue: list[tuple[str, int, int]] = []
 
 
+class _Requests(Timer):
+    """``asker``'s requests for pieces of ``digest`` reaching ``holder`` (of the same
+    partition) at ``time``: its own event (not a timer and a partial)."""
+
+    __slots__ = ("asker", "digest", "holder", "indices")
+
+    def __init__(self, time: float, holder: SimNode, asker: SimNode, digest: str,
+                 indices: list[int]) -> None:
+        super().__init__(time)
+        self.holder, self.asker, self.digest, self.indices = holder, asker, digest, indices
+
+    def run(self) -> None:
+        self.holder.on_requests(self.asker, self.digest, self.indices)
+
+
+class _Refusals(Timer):
+    """``holder``'s refusals reaching ``asker`` (of the same partition) at ``time``: its
+    own event."""
+
+    __slots__ = ("asker", "digest", "holder", "refusals")
+
+    def __init__(self, time: float, asker: SimNode, holder: str, digest: str,
+                 refusals: Sequence[tuple[int, bool]]) -> None:
+        super().__init__(time)
+        self.asker, self.holder, self.digest, self.refusals = asker, holder, digest, refusals
+
+    def run(self) -> None:
+        self.asker.refusals(self.holder, self.digest, self.refusals)
+
+
+class _Delivered:
+    """What a piece's arrival at ``download``'s node (of the same partition) does: the
+    flow's ``on_done`` (one object, not a closure and its environment)."""
+
+    __slots__ = ("bits", "download", "holder", "index")
+
+    def __init__(self, download: BlobDownload, holder: str, index: int, bits: int) -> None:
+        self.download, self.holder, self.index, self.bits = download, holder, index, bits
+
+    def __call__(self) -> None:
+        download = self.download
+        if not download.node.crashed:
+            download.from_peer(self.holder, self.index, self.bits)
+
+
+class _Posted:
+    """What a piece's arrival at another partition's ``asker`` does when its last byte is
+    sent (the flow's ``on_done``): the message, ``delay`` later."""
+
+    __slots__ = ("asker", "bits", "delay", "digest", "holder", "index")
+
+    def __init__(self, holder: SimNode, asker: SimNode, delay: float, digest: str,
+                 index: int, bits: int) -> None:
+        self.holder, self.asker, self.delay, self.digest = holder, asker, delay, digest
+        self.index, self.bits = index, bits
+
+    def __call__(self) -> None:
+        holder = self.holder
+        holder.cluster.post_piece(holder.engine.now + self.delay, self.asker, holder,
+                                  self.digest, self.index, self.bits)
+
+
 class SimNode:
     """One simulated host running p2pd (see the module docstring)."""
 
@@ -589,7 +651,7 @@ class SimNode:
         """``asker`` hears one latency from now that we refused these pieces."""
         at = self.engine.now + self.network.latency(self.host, asker.host)
         if self.here(asker):
-            self.engine.schedule_at(at, partial(asker.refusals, self.name, digest, refusals))
+            self.engine.add(_Refusals(at, asker, self.name, digest, refusals))
         else:
             self.cluster.post_refusals(at, asker, self, digest, refusals)
 
@@ -615,19 +677,10 @@ class SimNode:
         digest, index, bits = piece
         if not self.here(asker):  # the flow calls it when sent: the arrival is posted
             delay = self.network.latency(self.host, asker.host)
-            return self.downloads[digest].layout.length(index), partial(
-                self._post_piece, asker, delay, digest, index, bits)
+            return self.downloads[digest].layout.length(index), _Posted(
+                self, asker, delay, digest, index, bits)
         download = asker.downloads[digest]
-
-        def done() -> None:
-            if not asker.crashed:
-                download.from_peer(self.name, index, bits)
-
-        return download.layout.length(index), done
-
-    def _post_piece(self, asker: SimNode, delay: float, digest: str, index: int,
-                    bits: int) -> None:
-        self.cluster.post_piece(self.engine.now + delay, asker, self, digest, index, bits)
+        return download.layout.length(index), _Delivered(download, self.name, index, bits)
 
     def _next_piece(self, conn: _Connection) -> tuple[int, Callable[[], None]] | None:
         """The piece ``conn`` sends next, now that the last one is sent (``None``: the
@@ -1040,8 +1093,8 @@ class BlobDownload:
             self.node.cluster.post_requests(self.engine.now + delay, holder, self.node,
                                             self.blob.digest, indices)
             return
-        self.engine.schedule(delay, partial(holder.on_requests, self.node, self.blob.digest,
-                                            indices))
+        self.engine.add(_Requests(self.engine.now + delay, holder, self.node,
+                                  self.blob.digest, indices))
 
     def from_peer(self, peer_id: str, index: int, bits: int) -> None:
         """Piece ``index`` arrived from ``peer_id`` (it always verifies here), after the
