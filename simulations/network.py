@@ -135,19 +135,41 @@ class Flow:
         self.since = now  # when ``remaining`` was last brought up to date
         self.timer: Timer | None = None
         self.done = False
-        # its network while it runs: the flow is its finish timer's callback (__call__),
-        # not a bound method or partial made per flow
-        self.net: Network | None = None
+        self.net: Network | None = None  # its network while it runs
         self.on_sent: Callable[[], None] | None = None
         self.more: More | None = None  # the next transfer on the same connection, if any
         self.counted = True  # in the statistics' bytes
         self.fixed = 0.0  # scratch for max_min_rates: its new rate (-1: not frozen yet)
         self.picked = 0  # the last recomputation that took it into its region
 
-    def __call__(self) -> None:
-        """Its finish timer is up (see ``Network._finish``)."""
-        if self.net is not None:
-            self.net._finish(self)
+
+class _Finish(Timer):
+    """``flow``'s finish timer, due at ``time`` (see ``Network._finish``): its own event."""
+
+    __slots__ = ("flow",)
+
+    def __init__(self, time: float, flow: Flow) -> None:
+        super().__init__(time)
+        self.flow = flow
+
+    def run(self) -> None:
+        flow = self.flow
+        if flow.net is not None:
+            flow.net._finish(flow)
+
+
+class _Reflow(Timer):
+    """The network's batched recomputation of rates, due at ``time``: its own event
+    (not a timer and a bound method)."""
+
+    __slots__ = ("net",)
+
+    def __init__(self, time: float, net: Network) -> None:
+        super().__init__(time)
+        self.net = net
+
+    def run(self) -> None:
+        self.net._recompute()
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +293,7 @@ class Network:
                 resource.dirty = True
                 self._dirty.append(resource)
         if self._reflow is None:
-            self._reflow = self.engine.schedule(0.0, self._recompute)
+            self._reflow = self.engine.add(_Reflow(self.engine.now, self))
         dst = flow.dst
         if len(dst.downs) > 1 and not dst.sharing:  # to be shared out again (share_reports)
             dst.sharing = True
@@ -337,7 +359,7 @@ class Network:
                 if resource.total > size * (1 + _EPSILON):
                     self._shrunk[resource] = None
         if (self._dirty or self._shrunk) and self._reflow is None:
-            self._reflow = self.engine.schedule_at(at, self._recompute)
+            self._reflow = self.engine.add(_Reflow(at, self))
 
     def _remove(self, flow: Flow) -> None:
         flow.done = True
@@ -372,7 +394,7 @@ class Network:
             if end > now:
                 # The flow slowed down after this timer was set (lazy rescheduling, see
                 # _recompute): wake again when it really ends.
-                flow.timer = self.engine.schedule_at(end, flow)
+                flow.timer = self.engine.add(_Finish(end, flow))
                 return
         if flow.counted:
             self._bytes[flow.tag] = self._bytes.get(flow.tag, 0) + flow.size
@@ -401,7 +423,7 @@ class Network:
         if flow.counted:
             self._started += size
         self._counts[0] += 1
-        flow.timer = self.engine.schedule_at(self.engine.now + size / flow.rate, flow)
+        flow.timer = self.engine.add(_Finish(self.engine.now + size / flow.rate, flow))
 
     def _recompute(self) -> None:
         self._reflow = None
@@ -429,7 +451,8 @@ class Network:
         self._recomputes += 1
         self._recomputed += len(region)
         _fill_rates(region)
-        now, schedule_at = self.engine.now, self.engine.schedule_at
+        engine = self.engine
+        now = engine.now
         for flow in region:
             rate, old, timer = flow.fixed, flow.rate, flow.timer
             if timer is not None and abs(rate - old) <= _EPSILON * max(rate, old):
@@ -445,7 +468,7 @@ class Network:
                     continue  # slower: the earlier timer stands and re-arms when it fires
                 if timer is not None:
                     timer.cancel()
-                flow.timer = schedule_at(end, flow)
+                flow.timer = engine.add(_Finish(end, flow))
             elif timer is not None:
                 timer.cancel()
                 flow.timer = None

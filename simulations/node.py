@@ -247,6 +247,37 @@ class _Refusals(Timer):
         self.asker.refusals(self.holder, self.digest, self.refusals)
 
 
+class _Turn(Timer):
+    """A turn of ``download``'s loop at this instant (:meth:`BlobDownload.poke`): its own
+    event, a direct call."""
+
+    __slots__ = ("download",)
+
+    def __init__(self, time: float, download: BlobDownload) -> None:
+        super().__init__(time)
+        self.download = download
+
+    def run(self) -> None:
+        download = self.download
+        download._soon = None
+        download.step()
+
+
+class _Wake(Timer):
+    """The next timed turn of ``download``'s loop, at ``time``: its own event."""
+
+    __slots__ = ("download",)
+
+    def __init__(self, time: float, download: BlobDownload) -> None:
+        super().__init__(time)
+        self.download = download
+
+    def run(self) -> None:
+        download = self.download
+        download._wake = None
+        download.step()
+
+
 class _Delivered:
     """What a piece's arrival at ``download``'s node (of the same partition) does: the
     flow's ``on_done`` (one object, not a closure and its environment)."""
@@ -807,17 +838,7 @@ class BlobDownload:
     def poke(self) -> None:
         """Run the loop at this instant (once, however many events poke it)."""
         if not self.completed and self._soon is None:
-            # the download itself is the callback (__call__): no bound method per turn
-            self._soon = self.engine.schedule(0.0, self)
-
-    def __call__(self) -> None:
-        """The turn :meth:`poke` asked for."""
-        self._soon = None
-        self.step()
-
-    def _step_timed(self) -> None:
-        self._wake = None
-        self.step()
+            self._soon = self.engine.add(_Turn(self.engine.now, self))
 
     def step(self) -> None:
         """One turn of the download loop."""
@@ -882,7 +903,7 @@ class BlobDownload:
             return  # an earlier turn is due anyway; it sets the next one
         if wake is not None:
             wake.cancel()
-        self._wake = self.engine.schedule_at(at, self._step_timed)
+        self._wake = self.engine.add(_Wake(at, self))
 
     def _complete(self) -> None:
         self.completed = True
