@@ -72,7 +72,7 @@ class Timer:
         self.callback()
 
     def cancel(self) -> None:
-        """Do not run the callback (harmless if it already ran)."""
+        """Do not run it (harmless if it already ran)."""
         self.cancelled = True
 
 

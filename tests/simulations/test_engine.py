@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulations.engine import Engine
+from simulations.engine import Engine, Timer
 
 
 def test_events_run_in_time_then_schedule_order() -> None:
@@ -141,3 +141,38 @@ def test_a_timer_due_within_the_running_bucket_takes_its_place_in_it() -> None:
     engine.schedule_at(1.00001, lambda: seen.append("earlier"))
     engine.run()
     assert seen == ["first", "earlier", "same 1", "same 2", "new", "later"]
+
+
+class _Mark(Timer):
+    """A timer that is its own event: it records its name and the clock."""
+
+    __slots__ = ("name", "seen")
+
+    def __init__(self, time: float, name: str, seen: list[tuple[float, str]]) -> None:
+        super().__init__(time)
+        self.name, self.seen = name, seen
+
+    def run(self) -> None:
+        self.seen.append((self.time, self.name))
+
+
+def test_a_timer_subclass_is_its_own_event_in_the_same_order() -> None:
+    engine = Engine(seed=1)
+    seen: list[tuple[float, str]] = []
+    engine.schedule_at(1.0, lambda: seen.append((engine.now, "plain 1")))
+    first = engine.add(_Mark(1.0, "own 1", seen))
+    engine.add(_Mark(0.5, "own 0.5", seen))
+    engine.schedule_at(1.0, lambda: seen.append((engine.now, "plain 2")))
+    engine.add(_Mark(1.0, "own 2", seen)).cancel()
+
+    def now() -> None:  # due at once: after what was scheduled for this instant before
+        engine.add(_Mark(engine.now, "own now", seen))
+        engine.add(_Mark(engine.now + 1e-5, "own soon", seen))  # within the running bucket
+
+    engine.schedule_at(1.0, now)
+    engine.run()
+    assert first.seq > 0
+    assert seen == [(0.5, "own 0.5"), (1.0, "plain 1"), (1.0, "own 1"), (1.0, "plain 2"),
+                    (1.0, "own now"), (1.0 + 1e-5, "own soon")]
+    with pytest.raises(ValueError):
+        engine.add(_Mark(0.5, "past", seen))
