@@ -248,8 +248,8 @@ class _Refusals(Timer):
 
 
 class _Turn(Timer):
-    """A turn of ``download``'s loop at this instant (:meth:`BlobDownload.poke`): its own
-    event, a direct call."""
+    """A turn of ``download``'s loop, at ``time``: poked (:meth:`BlobDownload.poke`, its
+    ``_soon``) or timed (its ``_wake``); its own event, a direct call."""
 
     __slots__ = ("download",)
 
@@ -259,22 +259,10 @@ class _Turn(Timer):
 
     def run(self) -> None:
         download = self.download
-        download._soon = None
-        download.step()
-
-
-class _Wake(Timer):
-    """The next timed turn of ``download``'s loop, at ``time``: its own event."""
-
-    __slots__ = ("download",)
-
-    def __init__(self, time: float, download: BlobDownload) -> None:
-        super().__init__(time)
-        self.download = download
-
-    def run(self) -> None:
-        download = self.download
-        download._wake = None
+        if download._soon is self:
+            download._soon = None
+        else:  # (a replaced wake-up is cancelled: a timed turn that runs is ``_wake``)
+            download._wake = None
         download.step()
 
 
@@ -903,7 +891,7 @@ class BlobDownload:
             return  # an earlier turn is due anyway; it sets the next one
         if wake is not None:
             wake.cancel()
-        self._wake = self.engine.add(_Wake(at, self))
+        self._wake = self.engine.add(_Turn(at, self))
 
     def _complete(self) -> None:
         self.completed = True
